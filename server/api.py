@@ -1,0 +1,346 @@
+"""The HTTP API of DESIGN.md: JSON routes and the SSE event stream.
+
+Errors are JSON ``{"error": "<code>", "message": "<human text>"}`` (plus fields such as
+``offset``) with a 4xx status for bad input and 5xx only for faults of the server
+(:func:`json_errors`); no stack trace reaches a client. A conversation id is checked
+before any file is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from typing import Any, NoReturn
+
+import orjson
+from aiohttp import web
+
+from storage import (
+    ConversationLog,
+    InvalidIdError,
+    LogClosedError,
+    LogError,
+    LogFailedError,
+    LogReadOnlyError,
+    OffsetBoundaryError,
+    OffsetError,
+    Store,
+    check_id,
+    records,
+)
+from storage.fold import messages
+
+from . import __version__, sse
+from .generation import NoReplyError, Replies, ReplyRunningError
+from .keys import PROVIDER, REPLIES, SETTINGS, STORE
+
+__all__ = ["ApiError", "json_errors", "routes"]
+
+logger = logging.getLogger(__name__)
+
+routes = web.RouteTableDef()
+
+MAX_TITLE_CHARS = 200
+
+
+class ApiError(Exception):
+    """An error answer: HTTP ``status``, machine ``code``, human ``message``, extra fields."""
+
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+
+def _json(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
+    )
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+}
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Turn every error into a JSON answer; log unexpected ones with their stack."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return _json({"error": exc.code, "message": exc.message, **exc.extra}, status=exc.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        return _json({"error": code, "message": exc.reason}, status=exc.status, headers=headers)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        logger.exception("%s %s failed", request.method, request.path)
+        return _json(
+            {"error": "internal", "message": "the server failed to handle this request"},
+            status=500,
+        )
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+async def _body(request: web.Request, *, required: bool = True) -> dict[str, Any]:
+    raw = await request.read()  # aiohttp raises 413 past client_max_size
+    if not raw and not required:
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_body", "the request body must be a JSON object")
+    return body
+
+
+def _optional_str(body: dict[str, Any], name: str, *, max_chars: int | None = None) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ApiError(400, "invalid_field", f"'{name}' must be a string")
+    if max_chars is not None and len(value) > max_chars:
+        raise ApiError(400, "invalid_field", f"'{name}' is longer than {max_chars} characters")
+    return value
+
+
+async def _log(request: web.Request) -> ConversationLog:
+    conversation_id = request.match_info["conversation_id"]
+    try:
+        check_id(conversation_id)
+        return await request.app[STORE].open(conversation_id)
+    except InvalidIdError:
+        raise ApiError(400, "invalid_id", "conversation ids match ^[A-Za-z0-9_-]{1,64}$") from None
+    except FileNotFoundError:
+        raise ApiError(404, "not_found", "no such conversation") from None
+    except LogClosedError:
+        raise ApiError(503, "shutting_down", "the server is shutting down") from None
+
+
+def _raise_log_error(exc: LogError) -> NoReturn:
+    if isinstance(exc, LogFailedError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ApiError(507, "disk_full", "the disk is full; this conversation cannot grow")
+        raise ApiError(503, "log_failed", f"this conversation's log cannot be written: {exc}")
+    if isinstance(exc, LogReadOnlyError):
+        raise ApiError(503, "read_only", f"this conversation is read-only: {exc}")
+    raise ApiError(503, "unavailable", str(exc))
+
+
+def _info(conversation_id: str, log: ConversationLog, replies: Replies) -> dict[str, Any]:
+    summary = log.summary
+    return {
+        "id": conversation_id,
+        "title": summary.title,
+        "model": summary.model,
+        "system": summary.system,
+        "created": summary.created,
+        "updated": summary.updated,
+        "size": log.committed,
+        "running": replies.running(conversation_id),
+        "writable": log.live,
+    }
+
+
+# -- routes -------------------------------------------------------------------------------
+
+
+@routes.get("/api/health")
+async def health(request: web.Request) -> web.Response:
+    return _json({"ok": True, "version": __version__})
+
+
+@routes.get("/api/conversations")
+async def list_conversations(request: web.Request) -> web.Response:
+    rows = await request.app[STORE].list()
+    return _json(
+        [
+            {
+                "id": r.id,
+                "title": r.title,
+                "created": r.created,
+                "updated": r.updated,
+                "size": r.size,
+            }
+            for r in rows
+        ]
+    )
+
+
+@routes.post("/api/conversations")
+async def create_conversation(request: web.Request) -> web.Response:
+    body = await _body(request, required=False)
+    title = _optional_str(body, "title", max_chars=MAX_TITLE_CHARS) or "New chat"
+    model = _optional_str(body, "model", max_chars=200) or request.app[PROVIDER].model
+    system = _optional_str(body, "system", max_chars=request.app[SETTINGS].max_message_chars)
+    store: Store = request.app[STORE]
+    try:
+        log = await store.create(title=title, model=model, system=system)
+    except OSError as exc:
+        logger.error("cannot create a conversation: %s", exc)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ApiError(507, "disk_full", "the disk is full") from None
+        raise ApiError(503, "storage_failed", "the conversation could not be created") from None
+    conversation_id = log.summary.conversation_id or ""
+    return _json(_info(conversation_id, log, request.app[REPLIES]), status=201)
+
+
+@routes.get("/api/conversations/{conversation_id}")
+async def get_conversation(request: web.Request) -> web.Response:
+    log = await _log(request)
+    offset = log.committed
+    data = await log.read(0, offset)
+    folded = messages(records.decode(line) for line in data.splitlines())
+    conversation_id = request.match_info["conversation_id"]
+    return _json(
+        {
+            **_info(conversation_id, log, request.app[REPLIES]),
+            "messages": folded,
+            "offset": offset,
+        }
+    )
+
+
+@routes.post("/api/conversations/{conversation_id}/messages")
+async def post_message(request: web.Request) -> web.StreamResponse:
+    log = await _log(request)
+    body = await _body(request)
+    text = body.get("text")
+    if not isinstance(text, str):
+        raise ApiError(400, "invalid_field", "'text' is required and must be a string")
+    if not text.strip():
+        raise ApiError(400, "invalid_field", "'text' must not be empty")
+    limit = request.app[SETTINGS].max_message_chars
+    if len(text) > limit:
+        raise ApiError(400, "invalid_field", f"'text' is longer than {limit} characters")
+    conversation_id = request.match_info["conversation_id"]
+    replies = request.app[REPLIES]
+    try:
+        started = await replies.send(conversation_id, log, text)
+    except ReplyRunningError:
+        raise ApiError(
+            409,
+            "reply_running",
+            "a reply is already running in this conversation",
+            reply_id=replies.running(conversation_id),
+        ) from None
+    except LogError as exc:
+        _raise_log_error(exc)
+    if "text/event-stream" in request.headers.get("Accept", ""):
+        return await _stream(request, log, started.offset, until_end_of=started.reply_id)
+    return _json(
+        {
+            "message_id": started.message_id,
+            "reply_id": started.reply_id,
+            "offset": started.offset,
+        },
+        status=202,
+    )
+
+
+@routes.post("/api/conversations/{conversation_id}/stop")
+async def stop_reply(request: web.Request) -> web.Response:
+    log = await _log(request)
+    try:
+        reply_id = await request.app[REPLIES].stop(request.match_info["conversation_id"])
+    except NoReplyError:
+        raise ApiError(
+            409, "no_reply_running", "no reply is running in this conversation"
+        ) from None
+    return _json({"reply_id": reply_id, "offset": log.committed})
+
+
+@routes.get("/api/conversations/{conversation_id}/log")
+async def raw_log(request: web.Request) -> web.StreamResponse:
+    log = await _log(request)
+    end = log.committed
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    response.content_length = end
+    await response.prepare(request)
+    position = 0
+    while position < end:
+        block = await log.read(position, min(end, position + 1 << 20))
+        await response.write(block)
+        position += len(block)
+    await response.write_eof()
+    return response
+
+
+@routes.get("/api/conversations/{conversation_id}/events")
+async def events(request: web.Request) -> web.StreamResponse:
+    log = await _log(request)
+    try:
+        start = sse.start_offset(request.headers, request.query)
+    except sse.StartOffsetError as exc:
+        raise ApiError(400, "invalid_offset", str(exc)) from None
+    return await _stream(request, log, start)
+
+
+async def _stream(
+    request: web.Request, log: ConversationLog, start: int, *, until_end_of: str | None = None
+) -> web.StreamResponse:
+    """Send committed records from ``start`` as SSE events, then follow the log.
+
+    Ends when the client leaves, the log closes (shutdown) or fails, or, with
+    ``until_end_of``, after the ``end`` record of that reply.
+    """
+    try:
+        await log.check_offset(start)
+    except OffsetError as exc:
+        code = (
+            "offset_not_boundary" if isinstance(exc, OffsetBoundaryError) else "offset_out_of_range"
+        )
+        raise ApiError(416, code, str(exc), offset=exc.committed) from None
+    settings = request.app[SETTINGS]
+    response = web.StreamResponse(headers=sse.HEADERS)
+    await response.prepare(request)
+    position = start
+    try:
+        await response.write(sse.retry(settings.retry_ms))
+        while True:
+            if position < log.committed:
+                block = await log.read_records(position)
+                ended = False
+                if until_end_of is not None:
+                    block, ended = _through_end(position, block, until_end_of)
+                await response.write(sse.frame_records(position, block))
+                position += len(block)
+                if ended:
+                    break
+                continue
+            if not log.live:
+                break
+            try:
+                await asyncio.wait_for(log.wait_committed(position), settings.keepalive)
+            except TimeoutError:
+                await response.write(sse.KEEPALIVE)
+    except ConnectionError:
+        pass  # the client left; the reply (if any) goes on without it
+    except Exception:
+        # Headers are sent: no error answer is possible. End the stream; EventSource
+        # reconnects with Last-Event-ID and resumes exactly.
+        logger.exception("event stream of %s failed at offset %d", log.path.name, position)
+    return response
+
+
+def _through_end(offset: int, block: bytes, reply_id: str) -> tuple[bytes, bool]:
+    """Cut ``block`` just after the ``end`` record of ``reply_id``, if it holds it."""
+    for offset_after, kind, line in sse.records_in(offset, block):
+        if kind == "end" and records.decode(line).get("id") == reply_id:
+            return block[: offset_after - offset], True
+    return block, False

@@ -1,0 +1,187 @@
+"""Server-owned reply tasks (DESIGN.md "Generation").
+
+A reply runs as an asyncio task owned by :class:`Replies`, not by any HTTP connection: a
+browser that leaves does not stop it. One reply runs per conversation at a time. The
+task appends ``start``, builds the prompt from the log, streams from the provider and
+appends one ``chunk`` per provider delta with text, each committed before any reader can
+see it, then one ``end``:
+
+========================  ===========================================================
+how the reply ended       ``end.finish``
+========================  ===========================================================
+provider finished         ``stop`` or ``length`` (its ``finish_reason``)
+``POST .../stop``         ``cancelled``
+server shutdown           ``interrupted``
+provider failed           ``error`` with the provider's sentence in ``error``
+an append failed          the provider stream is closed at once; ``end`` with ``error``
+                          is appended only if the log can still be written
+========================  ===========================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from storage import ConversationLog, LogError, new_id, records
+from storage.fold import messages, prompt
+
+from .providers import Provider, ProviderError
+
+__all__ = ["NoReplyError", "ReplyRunningError", "Replies", "Started"]
+
+logger = logging.getLogger(__name__)
+
+
+class ReplyRunningError(Exception):
+    """A reply is already running in this conversation."""
+
+
+class NoReplyError(Exception):
+    """No reply is running in this conversation."""
+
+
+@dataclass(frozen=True)
+class Started:
+    """What ``POST .../messages`` answers: ids and ``offset``, the record boundary before
+    the ``user`` record."""
+
+    message_id: str
+    reply_id: str
+    offset: int
+
+
+@dataclass
+class _Reply:
+    reply_id: str
+    task: asyncio.Task[None] | None = None
+    finish_on_cancel: str = "interrupted"
+
+
+class Replies:
+    """The running replies of one server.
+
+    :param provider: where reply text comes from.
+    """
+
+    def __init__(self, provider: Provider) -> None:
+        self.provider = provider
+        self._running: dict[str, _Reply] = {}
+        self._closing = False
+
+    def running(self, conversation_id: str) -> str | None:
+        """The id of the reply running in a conversation, or ``None``."""
+        reply = self._running.get(conversation_id)
+        return reply.reply_id if reply else None
+
+    async def send(self, conversation_id: str, log: ConversationLog, text: str) -> Started:
+        """Append a ``user`` record and start the reply to it.
+
+        :raises ReplyRunningError: a reply is running (nothing was appended).
+        :raises storage.LogError: the log cannot take the message (nothing was started).
+        """
+        if self._closing:
+            raise LogError("the server is shutting down")
+        if conversation_id in self._running:
+            raise ReplyRunningError(conversation_id)
+        log.check_writable()
+        reply = _Reply(reply_id=new_id())
+        self._running[conversation_id] = reply  # claimed before the first await
+        try:
+            message = records.user(message_id=new_id(), text=text)
+            after = await log.append(message)
+        except BaseException:
+            del self._running[conversation_id]
+            raise
+        reply.task = asyncio.create_task(
+            self._run(conversation_id, log, reply, message["id"]),
+            name=f"reply {conversation_id}/{reply.reply_id}",
+        )
+        return Started(
+            message_id=message["id"],
+            reply_id=reply.reply_id,
+            offset=after - len(records.encode(message)),
+        )
+
+    async def stop(self, conversation_id: str) -> str:
+        """Cancel the running reply and wait until its ``end`` (``cancelled``) is appended.
+
+        :returns: the reply id.
+        :raises NoReplyError: no reply is running.
+        """
+        reply = self._running.get(conversation_id)
+        if reply is None or reply.task is None:
+            raise NoReplyError(conversation_id)
+        reply.finish_on_cancel = "cancelled"
+        reply.task.cancel()
+        await asyncio.shield(reply.task)
+        return reply.reply_id
+
+    async def shutdown(self) -> None:
+        """End every running reply with ``finish: "interrupted"`` and wait for them."""
+        self._closing = True
+        tasks = []
+        for reply in list(self._running.values()):
+            if reply.task is not None:
+                reply.finish_on_cancel = "interrupted"
+                reply.task.cancel()
+                tasks.append(reply.task)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run(
+        self, conversation_id: str, log: ConversationLog, reply: _Reply, message_id: str
+    ) -> None:
+        model = log.summary.model or self.provider.model
+        finish, usage, error = "stop", None, None
+        try:
+            await log.append(
+                records.start(reply_id=reply.reply_id, reply_to=message_id, model=model)
+            )
+            history = messages(_decode_all(await log.read()))
+            stream = self.provider.stream(prompt(log.summary.system, history), model=model)
+            index = 0
+            try:
+                async for delta in stream:
+                    if delta.text:
+                        await log.append(
+                            records.chunk(reply_id=reply.reply_id, i=index, text=delta.text)
+                        )
+                        index += 1
+                    if delta.finish_reason is not None:
+                        finish = "length" if delta.finish_reason == "length" else "stop"
+                    if delta.usage is not None:
+                        usage = delta.usage
+            finally:
+                with contextlib.suppress(Exception):
+                    await stream.aclose()  # type: ignore[attr-defined]
+        except asyncio.CancelledError:
+            finish = reply.finish_on_cancel
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+        except ProviderError as exc:
+            finish, error = "error", str(exc)
+            logger.warning("reply %s in %s failed: %s", reply.reply_id, conversation_id, exc)
+        except LogError as exc:
+            finish, error = "error", str(exc)
+            logger.error("reply %s in %s stopped: %s", reply.reply_id, conversation_id, exc)
+        except Exception as exc:
+            finish, error = "error", "internal error while generating the reply"
+            logger.exception("reply %s in %s crashed: %s", reply.reply_id, conversation_id, exc)
+        # Always appended: a start queued before a cancellation still commits, first.
+        try:
+            await log.append(
+                records.end(reply_id=reply.reply_id, finish=finish, usage=usage, error=error)
+            )
+        except LogError as exc:
+            logger.error(
+                "reply %s in %s: could not append its end: %s", reply.reply_id, conversation_id, exc
+            )
+        finally:
+            self._running.pop(conversation_id, None)
+
+
+def _decode_all(data: bytes) -> list[records.Record]:
+    return [records.decode(line) for line in data.splitlines()]

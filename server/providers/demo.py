@@ -1,0 +1,155 @@
+"""``--llm demo``: an offline, deterministic provider.
+
+It answers with made-up text drawn from a fixed vocabulary by a PRNG seeded with the
+prompt, so the same prompt gives the same answer, at ``tokens_per_s`` tokens per second
+(0: as fast as the event loop allows). It needs no network and no model, so the server
+runs with no setup, and tests and benchmarks have a provider whose pace they control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from collections.abc import AsyncIterator
+
+from .base import Delta
+
+__all__ = ["DemoProvider"]
+
+_WORDS = [
+    "the",
+    "log",
+    "keeps",
+    "every",
+    "word",
+    "in",
+    "order",
+    "so",
+    "a",
+    "reply",
+    "can",
+    "be",
+    "read",
+    "again",
+    "exactly",
+    "as",
+    "it",
+    "was",
+    "shown",
+    "and",
+    "a",
+    "page",
+    "that",
+    "reconnects",
+    "picks",
+    "up",
+    "where",
+    "it",
+    "left",
+    "off",
+    "without",
+    "a",
+    "gap",
+    "or",
+    "a",
+    "duplicate",
+    "because",
+    "each",
+    "event",
+    "carries",
+    "the",
+    "byte",
+    "offset",
+    "after",
+    "its",
+    "record",
+    "while",
+    "the",
+    "model",
+    "writes",
+    "one",
+    "token",
+    "at",
+    "a",
+    "time",
+    "and",
+    "the",
+    "server",
+    "appends",
+    "each",
+    "chunk",
+    "before",
+    "any",
+    "browser",
+    "sees",
+    "it",
+    "which",
+    "is",
+    "what",
+    "makes",
+    "the",
+    "history",
+    "trustworthy",
+    "for",
+    "a",
+    "family",
+]
+
+
+class DemoProvider:
+    """Deterministic made-up replies.
+
+    :param tokens_per_s: pace of the stream; 0 yields as fast as possible.
+    :param reply_tokens: tokens per reply.
+    """
+
+    name = "demo"
+    model = "demo"
+
+    def __init__(self, *, tokens_per_s: float = 30.0, reply_tokens: int = 60) -> None:
+        if tokens_per_s < 0 or reply_tokens < 1:
+            raise ValueError("tokens_per_s must be >= 0 and reply_tokens >= 1")
+        self.tokens_per_s = tokens_per_s
+        self.reply_tokens = reply_tokens
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def stream(
+        self, messages: list[dict[str, str]], *, model: str = "demo"
+    ) -> AsyncIterator[Delta]:
+        """Yield ``reply_tokens`` deltas, then a final one with ``finish_reason`` "stop"
+        and ``usage`` (word counts standing in for tokens)."""
+        seed = hashlib.sha256(repr(messages).encode()).digest()
+        rng = random.Random(seed)
+        loop = asyncio.get_running_loop()
+        interval = 1.0 / self.tokens_per_s if self.tokens_per_s else 0.0
+        due = loop.time()
+        capital = True
+        for index in range(self.reply_tokens):
+            word = rng.choice(_WORDS)
+            last = index == self.reply_tokens - 1
+            if capital:
+                word = word.capitalize()
+            end_sentence = last or rng.random() < 0.08
+            token = ("" if index == 0 else " ") + word + ("." if end_sentence else "")
+            capital = end_sentence
+            if interval:
+                due += interval
+                await asyncio.sleep(max(0.0, due - loop.time()))
+            else:
+                await asyncio.sleep(0)
+            yield Delta(text=token)
+        prompt_tokens = sum(len(m.get("content", "").split()) for m in messages)
+        yield Delta(
+            finish_reason="stop",
+            usage={
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": self.reply_tokens,
+                "total_tokens": prompt_tokens + self.reply_tokens,
+            },
+        )

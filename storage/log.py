@@ -1,0 +1,447 @@
+"""``ConversationLog``: one conversation's append-only JSONL log.
+
+Writes (DESIGN.md "The log"):
+
+* :meth:`ConversationLog.append` queues a record and waits until it is *committed*. One
+  flusher task per log takes everything queued, writes it with one ``write()`` and (policy
+  ``fsync``) one ``fdatasync`` on a worker thread, then moves the committed offset past
+  the whole batch. Records that queue while a sync is in flight share the next one
+  (group commit).
+* A failed write or sync is fatal for the log: queued and later appends raise
+  :class:`LogFailedError`; what was committed stays readable; nothing is retried.
+* One writer per file, across processes: the writer holds ``flock(LOCK_EX)``. A log that
+  another process holds, or that is corrupt, opens read-only.
+
+Reads never pass the committed offset and never block the writer. Readers near the end
+are served from a bounded in-memory copy of the most recent committed bytes; readers
+further back ``pread`` the file, so a lagging reader costs no memory per record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from . import records
+from .durability import Durability, FileIO
+from .fold import Summary
+from .recovery import CorruptLogError, Scan, cut_torn_tail, scan
+
+__all__ = [
+    "ConversationLog",
+    "LogClosedError",
+    "LogError",
+    "LogFailedError",
+    "LogReadOnlyError",
+    "OffsetBoundaryError",
+    "OffsetError",
+    "OffsetRangeError",
+]
+
+logger = logging.getLogger(__name__)
+
+READ_BLOCK = 256 * 1024
+"""Bytes read from the file per call when a reader is behind the in-memory tail."""
+TAIL_BYTES = 512 * 1024
+"""Committed bytes kept in memory for readers at the live edge (amortized, up to 2x)."""
+
+
+class LogError(Exception):
+    """Base of the errors :class:`ConversationLog` raises for appends."""
+
+
+class LogClosedError(LogError):
+    """The log was closed (the server is shutting down)."""
+
+
+class LogReadOnlyError(LogError):
+    """The log takes no appends: another process holds its lock, or it is corrupt."""
+
+
+class LogFailedError(LogError):
+    """A write or sync of this log failed; it takes no more appends in this process.
+
+    :ivar errno: the ``errno`` of the failed call (e.g. ``ENOSPC``, ``EIO``).
+    """
+
+    def __init__(self, cause: OSError) -> None:
+        super().__init__(f"log write failed: {os.strerror(cause.errno or errno.EIO)}")
+        self.errno = cause.errno or errno.EIO
+        self.cause = cause
+
+
+class OffsetError(ValueError):
+    """A start offset a reader asked for is not valid.
+
+    :ivar committed: the log's committed offset when the check ran.
+    """
+
+    def __init__(self, message: str, committed: int) -> None:
+        super().__init__(message)
+        self.committed = committed
+
+
+class OffsetRangeError(OffsetError):
+    """The offset is past the committed offset."""
+
+
+class OffsetBoundaryError(OffsetError):
+    """The offset is inside a record, not at a record boundary."""
+
+
+class ConversationLog:
+    """An open conversation log. Build with :meth:`create` or :meth:`open`.
+
+    :ivar path: the log file.
+    :ivar summary: running :class:`~storage.fold.Summary` of the committed records.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        fd: int | None,
+        read_fd: int,
+        committed: int,
+        summary: Summary,
+        durability: Durability,
+        file_io: FileIO,
+        read_only_reason: str | None = None,
+    ) -> None:
+        self.path = path
+        self.summary = summary
+        self._fd = fd
+        self._read_fd = read_fd
+        self._committed = committed
+        self._durability = durability
+        self._file_io = file_io
+        self._read_only_reason = read_only_reason
+        self._failure: LogFailedError | None = None
+        self._closed = False
+        self._queue: list[tuple[records.Record, bytes, asyncio.Future[int]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._commit_signal: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._tail = bytearray()
+        self._tail_start = committed
+
+    # -- opening ----------------------------------------------------------------------
+
+    @classmethod
+    async def create(
+        cls,
+        path: Path,
+        first: records.Record,
+        *,
+        durability: Durability = Durability.FSYNC,
+        file_io: FileIO | None = None,
+    ) -> ConversationLog:
+        """Create a new log whose first record is ``first`` (a ``conversation`` record).
+
+        Durable whatever the policy: ``O_EXCL`` create, write and ``fdatasync`` the record,
+        then ``fsync`` the directory. On failure the file is removed.
+
+        :raises FileExistsError: the log exists.
+        :raises OSError: a write or sync failed.
+        """
+        file_io = file_io or FileIO()
+        data = records.encode(first)
+
+        def create_sync() -> int:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                file_io.write_all(fd, data)
+                file_io.fdatasync(fd)
+                file_io.fsync_dir(path.parent)
+            except BaseException:
+                os.close(fd)
+                path.unlink(missing_ok=True)
+                raise
+            return fd
+
+        fd = await asyncio.to_thread(create_sync)
+        summary = Summary()
+        summary.observe(first)
+        return cls(
+            path,
+            fd=fd,
+            read_fd=os.open(path, os.O_RDONLY),
+            committed=len(data),
+            summary=summary,
+            durability=durability,
+            file_io=file_io,
+        )
+
+    @classmethod
+    async def open(
+        cls,
+        path: Path,
+        *,
+        durability: Durability = Durability.FSYNC,
+        file_io: FileIO | None = None,
+    ) -> ConversationLog:
+        """Open an existing log, recovering it first (DESIGN.md "Recovery on open").
+
+        Takes the writer lock; cuts a torn tail (kept in ``<log>.torn-<ts>``); appends one
+        ``end`` with ``finish: "interrupted"`` per reply that has a ``start`` and no
+        ``end``. A log locked by another process, or corrupt, opens read-only with its
+        valid prefix readable; corruption is logged as an error, never cut.
+
+        :raises FileNotFoundError: no such log.
+        :raises OSError: recovery could not write.
+        """
+        file_io = file_io or FileIO()
+
+        def open_sync() -> tuple[int | None, Scan, str | None]:
+            fd: int | None = os.open(path, os.O_RDWR | os.O_APPEND)
+            reason = None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                fd, reason = None, "another process holds this log"
+            try:
+                with open(path, "rb") as stream:
+                    found = scan(stream)
+                if found.corrupt_at is not None:
+                    error = CorruptLogError(path, found.corrupt_at, found.reason)
+                    logger.error("%s; opened read-only, nothing cut", error)
+                    reason = str(error)
+                elif found.torn and fd is not None:
+                    cut_torn_tail(path, found, file_io=file_io)
+            except BaseException:
+                if fd is not None:
+                    os.close(fd)
+                raise
+            if reason is not None and fd is not None:
+                os.close(fd)
+                fd = None
+            return fd, found, reason
+
+        fd, found, reason = await asyncio.to_thread(open_sync)
+        log = cls(
+            path,
+            fd=fd,
+            read_fd=os.open(path, os.O_RDONLY),
+            committed=found.end,
+            summary=found.summary,
+            durability=durability,
+            file_io=file_io,
+            read_only_reason=reason,
+        )
+        if fd is not None:
+            for reply_id in list(found.summary.open_replies):
+                await log.append(records.end(reply_id=reply_id, finish="interrupted"))
+                logger.warning("%s: closed interrupted reply %s", path, reply_id)
+        return log
+
+    # -- state --------------------------------------------------------------------------
+
+    @property
+    def committed(self) -> int:
+        """Bytes of the log that met the durability policy; readers never pass it."""
+        return self._committed
+
+    @property
+    def failure(self) -> LogFailedError | None:
+        """The failure that stopped appends, or ``None``."""
+        return self._failure
+
+    @property
+    def read_only_reason(self) -> str | None:
+        """Why the log takes no appends (locked elsewhere, corrupt), or ``None``."""
+        return self._read_only_reason
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def live(self) -> bool:
+        """Whether the committed offset can still move in this process (open, writable,
+        not failed). Followers end once it is false and they have read everything."""
+        return not self._closed and self._failure is None and self._fd is not None
+
+    def check_writable(self) -> None:
+        """Raise the error an :meth:`append` would raise now, if any.
+
+        :raises LogClosedError, LogReadOnlyError, LogFailedError:
+        """
+        if self._closed:
+            raise LogClosedError("log is closed")
+        if self._read_only_reason is not None:
+            raise LogReadOnlyError(self._read_only_reason)
+        if self._failure is not None:
+            raise self._failure
+
+    # -- appending ----------------------------------------------------------------------
+
+    async def append(self, record: records.Record) -> int:
+        """Append one record and wait until it is committed.
+
+        If the caller is cancelled while waiting, the record is still written (it was
+        queued); its place in the log does not change.
+
+        :returns: the offset just after the record (its SSE event id).
+        :raises LogClosedError, LogReadOnlyError, LogFailedError: nothing was committed.
+        :raises storage.records.RecordError: the record cannot be encoded.
+        """
+        self.check_writable()
+        data = records.encode(record)
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.append((record, data, done))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush(), name=f"flush {self.path.name}")
+        return await done
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue and self._failure is None:
+                batch, self._queue = self._queue, []
+                data = b"".join(item[1] for item in batch)
+                try:
+                    await asyncio.to_thread(self._write_sync, data)
+                except OSError as exc:
+                    self._fail(exc, batch)
+                    return
+                offset = self._committed
+                for record, line, done in batch:
+                    offset += len(line)
+                    self.summary.observe(record)
+                    if not done.done():
+                        done.set_result(offset)
+                self._committed = offset
+                self._remember(data)
+                self._signal_commit()
+        finally:
+            self._flusher = None
+
+    def _write_sync(self, data: bytes) -> None:
+        assert self._fd is not None
+        self._file_io.write_all(self._fd, data)
+        if self._durability is Durability.FSYNC:
+            self._file_io.fdatasync(self._fd)
+
+    def _fail(self, exc: OSError, batch: list) -> None:
+        self._failure = LogFailedError(exc)
+        logger.error(
+            "%s: %s; the log takes no more appends in this process (committed %d bytes)",
+            self.path,
+            exc,
+            self._committed,
+        )
+        for _, _, done in batch + self._queue:
+            if not done.done():
+                done.set_exception(self._failure)
+        self._queue = []
+        self._signal_commit()
+
+    def _remember(self, data: bytes) -> None:
+        self._tail += data
+        if len(self._tail) > 2 * TAIL_BYTES:
+            cut = len(self._tail) - TAIL_BYTES
+            del self._tail[:cut]
+            self._tail_start += cut
+
+    def _signal_commit(self) -> None:
+        signal, self._commit_signal = (
+            self._commit_signal,
+            asyncio.get_running_loop().create_future(),
+        )
+        signal.set_result(None)
+
+    # -- reading ------------------------------------------------------------------------
+
+    async def check_offset(self, offset: int) -> None:
+        """Check that a reader may start at ``offset``.
+
+        :raises OffsetRangeError: ``offset`` is negative or past the committed offset.
+        :raises OffsetBoundaryError: ``offset`` is not 0 and the byte before it is not ``\\n``.
+        """
+        committed = self._committed
+        if offset < 0 or offset > committed:
+            raise OffsetRangeError(
+                f"offset {offset} is outside the committed log [0, {committed}]", committed
+            )
+        if offset == 0 or offset == committed:
+            return
+        if await self._read(offset - 1, 1) != b"\n":
+            raise OffsetBoundaryError(f"offset {offset} is not a record boundary", committed)
+
+    async def read(self, start: int = 0, end: int | None = None) -> bytes:
+        """Committed bytes ``[start, end)`` (``end`` defaults to the committed offset).
+
+        :raises OffsetRangeError: the range is not inside ``[0, committed]``.
+        """
+        committed = self._committed
+        end = committed if end is None else end
+        if not 0 <= start <= end <= committed:
+            raise OffsetRangeError(f"range [{start}, {end}) is outside [0, {committed}]", committed)
+        return await self._read(start, end - start)
+
+    async def read_records(self, start: int = 0) -> bytes:
+        """The next block of whole committed records at ``start`` (a record boundary).
+
+        At most about :data:`READ_BLOCK` bytes, more only for a longer record; empty when
+        ``start`` is the committed offset.
+        """
+        committed = self._committed
+        if start >= self._tail_start:
+            return bytes(self._tail[start - self._tail_start : committed - self._tail_start])
+        size = min(READ_BLOCK, committed - start)
+        while True:
+            block = await self._read(start, size)
+            cut = block.rfind(b"\n") + 1
+            if cut or start + size >= committed:
+                return block[:cut]
+            size = min(size * 2, committed - start)
+
+    async def _read(self, start: int, size: int) -> bytes:
+        if start >= self._tail_start:
+            begin = start - self._tail_start
+            return bytes(self._tail[begin : begin + size])
+        return await asyncio.to_thread(os.pread, self._read_fd, size, start)
+
+    async def follow(self, start: int) -> AsyncIterator[tuple[int, bytes]]:
+        """Yield ``(offset, block)`` of committed records from ``start``, then each new
+        commit as it happens (live tail), without polling.
+
+        Each block is whole records beginning at ``offset``. Ends after the last committed
+        record once the log is closed or has failed. ``start`` must have passed
+        :meth:`check_offset`.
+        """
+        position = start
+        while True:
+            if position < self._committed:
+                block = await self.read_records(position)
+                yield position, block
+                position += len(block)
+                continue
+            if not self.live:
+                return
+            await asyncio.shield(self._commit_signal)
+
+    async def wait_committed(self, offset: int) -> None:
+        """Wait until the committed offset passes ``offset``, or the log closes or fails."""
+        while self._committed <= offset and self.live:
+            await asyncio.shield(self._commit_signal)
+
+    # -- closing ------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Commit what is queued, stop appends, end followers, release the lock."""
+        if self._closed:
+            return
+        if self._flusher is not None:
+            await asyncio.shield(self._flusher)
+        self._closed = True
+        self._signal_commit()
+        if self._fd is not None:
+            os.close(self._fd)  # releases the flock
+            self._fd = None
+        os.close(self._read_fd)

@@ -1,0 +1,148 @@
+"""Record types of the conversation log and their byte encoding (pure, no I/O).
+
+A record is a JSON object on one line: serialized with orjson, UTF-8, ending in ``\\n``
+(DESIGN.md "The log"). Every record has ``type`` (str) and ``ts`` (int, milliseconds since
+the Unix epoch, UTC). orjson escapes control characters inside strings, so an encoded
+record never contains a raw newline before its terminator.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Final
+
+import orjson
+
+__all__ = [
+    "FINISH_REASONS",
+    "RECORD_TYPES",
+    "Record",
+    "RecordError",
+    "chunk",
+    "conversation",
+    "decode",
+    "encode",
+    "end",
+    "now_ms",
+    "start",
+    "title",
+    "user",
+]
+
+Record = dict[str, Any]
+"""A decoded record: a JSON object with at least ``type`` (str) and ``ts`` (int ms)."""
+
+RECORD_TYPES: Final = frozenset({"conversation", "user", "start", "chunk", "end", "title"})
+"""The record types this version writes. Readers skip types they do not know."""
+
+FINISH_REASONS: Final = frozenset({"stop", "length", "cancelled", "error", "interrupted"})
+"""Values of ``end.finish``."""
+
+
+class RecordError(ValueError):
+    """A line is not a valid record: not UTF-8 JSON, not an object, or missing
+    ``type`` (str) / ``ts`` (int)."""
+
+
+def now_ms() -> int:
+    """Current time in integer milliseconds since the Unix epoch (UTC)."""
+    return time.time_ns() // 1_000_000
+
+
+def encode(record: Record) -> bytes:
+    """Serialize one record to its line: orjson bytes followed by ``b"\\n"``.
+
+    :raises RecordError: if the record lacks ``type``/``ts`` or is not serializable.
+    """
+    if not isinstance(record.get("type"), str) or not _is_int(record.get("ts")):
+        raise RecordError("a record needs a string 'type' and an integer 'ts'")
+    try:
+        return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+    except orjson.JSONEncodeError as exc:
+        raise RecordError(f"record is not serializable: {exc}") from None
+
+
+def decode(line: bytes | bytearray | memoryview) -> Record:
+    """Parse one line (with or without its trailing ``\\n``) into a record.
+
+    :raises RecordError: if the line is not a JSON object with ``type`` (str) and
+        ``ts`` (int). NUL bytes and invalid UTF-8 are errors too.
+    """
+    try:
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise RecordError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise RecordError("not a JSON object")
+    if not isinstance(value.get("type"), str) or not _is_int(value.get("ts")):
+        raise RecordError("missing string 'type' or integer 'ts'")
+    return value
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Constructors: one per record type of DESIGN.md "Record types". ``ts`` is taken when the
+# record is built, immediately before it is appended.
+
+
+def conversation(*, conversation_id: str, title: str, model: str, system: str | None) -> Record:
+    """First record of every log."""
+    return {
+        "type": "conversation",
+        "ts": now_ms(),
+        "id": conversation_id,
+        "title": title,
+        "model": model,
+        "system": system,
+    }
+
+
+def user(*, message_id: str, text: str) -> Record:
+    """A message a person sent."""
+    return {"type": "user", "ts": now_ms(), "id": message_id, "text": text}
+
+
+def start(*, reply_id: str, reply_to: str, model: str) -> Record:
+    """An assistant reply begins."""
+    return {
+        "type": "start",
+        "ts": now_ms(),
+        "id": reply_id,
+        "reply_to": reply_to,
+        "model": model,
+    }
+
+
+def chunk(*, reply_id: str, i: int, text: str) -> Record:
+    """One piece of model output (``i`` is 0-based within the reply)."""
+    return {"type": "chunk", "ts": now_ms(), "id": reply_id, "i": i, "text": text}
+
+
+def end(
+    *,
+    reply_id: str,
+    finish: str,
+    usage: dict[str, Any] | None = None,
+    error: str | None = None,
+) -> Record:
+    """The reply is over. ``finish`` is one of :data:`FINISH_REASONS`.
+
+    :raises ValueError: for an unknown ``finish``.
+    """
+    if finish not in FINISH_REASONS:
+        raise ValueError(f"unknown finish {finish!r}")
+    return {
+        "type": "end",
+        "ts": now_ms(),
+        "id": reply_id,
+        "finish": finish,
+        "usage": usage,
+        "error": error,
+    }
+
+
+def title(*, title: str) -> Record:
+    """The conversation was renamed."""
+    return {"type": "title", "ts": now_ms(), "title": title}

@@ -1,0 +1,183 @@
+"""``Store``: the data dir, ``<data-dir>/conversations/<conversation_id>.jsonl``.
+
+Conversation ids are checked against :data:`CONVERSATION_ID` before any path is built, so
+no request can name a file outside ``conversations/``. Logs are opened (and recovered)
+once and kept open; the store is the only place that creates or opens them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from . import records
+from .durability import Durability, FileIO
+from .log import ConversationLog, LogClosedError
+
+__all__ = [
+    "CONVERSATION_ID",
+    "ConversationInfo",
+    "InvalidIdError",
+    "Store",
+    "check_id",
+    "new_id",
+]
+
+CONVERSATION_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+"""Valid conversation ids (matched in full)."""
+
+SUFFIX: Final = ".jsonl"
+
+
+class InvalidIdError(ValueError):
+    """A conversation id does not match :data:`CONVERSATION_ID`."""
+
+
+def new_id() -> str:
+    """A new random id: 16 url-safe characters (96 bits)."""
+    return secrets.token_urlsafe(12)
+
+
+def check_id(conversation_id: str) -> str:
+    """Return ``conversation_id`` if valid. :raises InvalidIdError: otherwise."""
+    if not isinstance(conversation_id, str) or not CONVERSATION_ID.fullmatch(conversation_id):
+        raise InvalidIdError("conversation ids match ^[A-Za-z0-9_-]{1,64}$")
+    return conversation_id
+
+
+@dataclass(frozen=True)
+class ConversationInfo:
+    """One row of :meth:`Store.list`: times in ms since the epoch, ``size`` in bytes
+    (the committed offset)."""
+
+    id: str
+    title: str
+    created: int
+    updated: int
+    size: int
+
+
+class Store:
+    """The conversations of one data dir.
+
+    :param data_dir: created if missing (with ``conversations/`` inside).
+    :param durability: policy for every log.
+    :param file_io: the system-call layer (tests pass a fault-injecting subclass).
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        durability: Durability = Durability.FSYNC,
+        file_io: FileIO | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.directory = self.data_dir / "conversations"
+        self.durability = Durability(durability)
+        self.file_io = file_io or FileIO()
+        self._logs: dict[str, ConversationLog] = {}
+        self._opening: dict[str, asyncio.Task[ConversationLog]] = {}
+        self._closed = False
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, conversation_id: str) -> Path:
+        """The log path of a (valid) id. :raises InvalidIdError:"""
+        return self.directory / f"{check_id(conversation_id)}{SUFFIX}"
+
+    def ids(self) -> list[str]:
+        """Ids of every log in the data dir (torn-tail files and strays ignored)."""
+        out = []
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                stem = entry.name[: -len(SUFFIX)]
+                if entry.name.endswith(SUFFIX) and CONVERSATION_ID.fullmatch(stem):
+                    out.append(stem)
+        return out
+
+    async def create(
+        self, *, title: str, model: str, system: str | None, conversation_id: str | None = None
+    ) -> ConversationLog:
+        """Create a conversation log (durably) and return it open.
+
+        :raises FileExistsError: ``conversation_id`` is taken.
+        :raises OSError: the disk refused the write.
+        :raises LogClosedError: the store is closed.
+        """
+        self._check_open()
+        conversation_id = check_id(conversation_id or new_id())
+        first = records.conversation(
+            conversation_id=conversation_id, title=title, model=model, system=system
+        )
+        log = await ConversationLog.create(
+            self.path(conversation_id),
+            first,
+            durability=self.durability,
+            file_io=self.file_io,
+        )
+        self._logs[conversation_id] = log
+        return log
+
+    async def open(self, conversation_id: str) -> ConversationLog:
+        """The open log of ``conversation_id``, opening and recovering it on first use.
+
+        :raises InvalidIdError: the id is not valid (checked before any file access).
+        :raises FileNotFoundError: there is no such conversation.
+        :raises LogClosedError: the store is closed.
+        """
+        path = self.path(conversation_id)
+        self._check_open()
+        log = self._logs.get(conversation_id)
+        if log is not None:
+            return log
+        task = self._opening.get(conversation_id)
+        if task is None:
+            task = asyncio.ensure_future(
+                ConversationLog.open(path, durability=self.durability, file_io=self.file_io)
+            )
+            self._opening[conversation_id] = task
+            try:
+                log = await task
+            finally:
+                del self._opening[conversation_id]
+            self._logs[conversation_id] = log
+            return log
+        return await asyncio.shield(task)
+
+    async def open_all(self) -> list[ConversationLog]:
+        """Open (and so recover) every log in the data dir."""
+        return [await self.open(conversation_id) for conversation_id in sorted(self.ids())]
+
+    async def list(self) -> list[ConversationInfo]:
+        """Every conversation, newest ``updated`` first."""
+        rows = []
+        for log in await self.open_all():
+            summary = log.summary
+            rows.append(
+                ConversationInfo(
+                    id=log.path.name[: -len(SUFFIX)],
+                    title=summary.title,
+                    created=summary.created,
+                    updated=summary.updated,
+                    size=log.committed,
+                )
+            )
+        rows.sort(key=lambda row: (row.updated, row.id), reverse=True)
+        return rows
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LogClosedError("the store is closed")
+
+    async def close(self) -> None:
+        """Close every open log (queued appends are committed first); later opens raise
+        :class:`LogClosedError`."""
+        self._closed = True
+        logs, self._logs = self._logs, {}
+        for log in logs.values():
+            await log.close()

@@ -1,0 +1,114 @@
+"""Recovery on open: torn tails cut and kept aside, corruption reported and left alone,
+unfinished replies closed exactly once."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from storage import ConversationLog, LogReadOnlyError, records
+from storage.fold import messages
+from storage.recovery import scan
+
+
+def lines(*recs: records.Record) -> bytes:
+    return b"".join(records.encode(r) for r in recs)
+
+
+def base_log() -> bytes:
+    return lines(
+        records.conversation(conversation_id="c", title="t", model="m", system=None),
+        records.user(message_id="u1", text="hi"),
+        records.start(reply_id="r1", reply_to="u1", model="m"),
+        records.chunk(reply_id="r1", i=0, text="Hel"),
+        records.chunk(reply_id="r1", i=1, text="lo"),
+    )
+
+
+def decoded(path: Path) -> list[records.Record]:
+    return [records.decode(line) for line in path.read_bytes().splitlines()]
+
+
+def torn_files(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(path.name + ".torn-*"))
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        b'{"type":"chunk","ts":1,"id":"r1","i":2,"te',  # partial line
+        b"\0" * 300,  # NUL-filled hole, no newline
+        b"\0" * 40 + b"\n",  # hole ending in a newline
+        b"garbage\n",  # a complete line that is not a record
+        b"\0" * 20 + b'{"type":"chunk","ts":1,"id":"r1","i":2,"text":"x"}\n',  # hole, then valid
+        b'{"type":"chunk","ts":1,"id":"r1","i":2,"text":"x"}',  # valid JSON, no newline
+    ],
+    ids=["partial", "hole", "hole-newline", "garbage", "hole-then-valid", "unterminated"],
+)
+async def test_torn_tail_is_cut_kept_and_reply_closed(tmp_path, tail, caplog):
+    path = tmp_path / "c.jsonl"
+    good = base_log()
+    path.write_bytes(good + tail)
+    log = await ConversationLog.open(path)
+    kept = torn_files(path)
+    assert len(kept) == 1 and kept[0].read_bytes() == tail
+    assert path.read_bytes().startswith(good)
+    recs = decoded(path)
+    assert recs[-1]["type"] == "end" and recs[-1]["finish"] == "interrupted"
+    assert recs[-1]["id"] == "r1"
+    assert len(recs) == 6
+    assert messages(recs)[-1]["text"] == "Hello"
+    assert log.committed == path.stat().st_size
+    assert "torn tail" in caplog.text
+    await log.close()
+
+
+async def test_closing_an_interrupted_reply_twice_adds_one_record(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(base_log())
+    log = await ConversationLog.open(path)
+    await log.close()
+    once = path.read_bytes()
+    log = await ConversationLog.open(path)
+    await log.close()
+    assert path.read_bytes() == once
+    assert sum(r["type"] == "end" for r in decoded(path)) == 1
+    assert torn_files(path) == []
+
+
+async def test_corruption_opens_read_only_and_is_never_cut(tmp_path, caplog):
+    path = tmp_path / "c.jsonl"
+    good = base_log()
+    corrupt = good[:40] + b"}}}garbage{{{\n" + lines(records.user(message_id="u2", text="after"))
+    path.write_bytes(corrupt)
+    log = await ConversationLog.open(path)
+    assert log.read_only_reason and "corrupt" in log.read_only_reason
+    with pytest.raises(LogReadOnlyError):
+        await log.append(records.user(message_id="u3", text="x"))
+    assert path.read_bytes() == corrupt
+    assert torn_files(path) == []
+    assert "corrupt" in caplog.text
+    await log.close()
+
+
+def test_scan_every_truncation_gives_longest_valid_prefix():
+    data = base_log()
+    boundaries = [0] + [i + 1 for i, b in enumerate(data) if b == ord("\n")]
+    for cut in range(len(data) + 1):
+        result = scan(io.BytesIO(data[:cut]))
+        expected = max(b for b in boundaries if b <= cut)
+        assert result.end == expected, cut
+        assert result.corrupt_at is None
+        assert result.torn == (cut != expected)
+
+
+async def test_clean_log_is_untouched(tmp_path):
+    path = tmp_path / "c.jsonl"
+    data = base_log() + lines(records.end(reply_id="r1", finish="stop"))
+    path.write_bytes(data)
+    log = await ConversationLog.open(path)
+    await log.close()
+    assert path.read_bytes() == data
+    assert torn_files(path) == []

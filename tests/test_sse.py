@@ -1,0 +1,183 @@
+"""The SSE stream: exact bytes, offsets as ids, resume with no gap and no duplicate,
+start-offset validation, keep-alives, write before show."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+
+import pytest
+
+from server import sse
+from storage import records
+
+from .conftest import FaultyIO, create_conversation, wait_idle
+from .sse_reader import StreamReader, read_events
+
+
+def expected_stream(log: bytes, start: int, retry_ms: int) -> bytes:
+    """What the stream must send for a log read from ``start``, built from the file."""
+    out = [b"retry: %d\n\n" % retry_ms]
+    offset = start
+    for line in log[start:].splitlines(keepends=True):
+        offset += len(line)
+        kind = records.decode(line)["type"].encode()
+        out.append(b"id: %d\nevent: %s\ndata: %s\n\n" % (offset, kind, line[:-1]))
+    return b"".join(out)
+
+
+def test_start_offset_sources_and_validation():
+    assert sse.start_offset({}, {}) == 0
+    assert sse.start_offset({}, {"from": "12"}) == 12
+    assert sse.start_offset({"Last-Event-ID": "7"}, {"from": "12"}) == 7
+    for bad in ("abc", "", "1.5", " 3", "+3", "1_0", "0x10", "-1", "9" * 40):
+        with pytest.raises(sse.StartOffsetError):
+            sse.start_offset({"Last-Event-ID": bad}, {})
+
+
+def test_frame_records_exact_bytes():
+    block = b'{"type":"user","ts":1,"id":"u","text":"a"}\n{"ts":2,"type":"odd"}\n'
+    assert sse.frame_records(100, block) == (
+        b'id: 143\nevent: user\ndata: {"type":"user","ts":1,"id":"u","text":"a"}\n\n'
+        b'id: 165\nevent: odd\ndata: {"ts":2,"type":"odd"}\n\n'
+    )
+
+
+async def test_stream_headers_and_exact_bytes_after_reply(make_client):
+    client = await make_client(demo_reply_tokens=5, retry_ms=750)
+    conversation_id = await create_conversation(client)
+    await client.post(f"/api/conversations/{conversation_id}/messages", json={"text": "hi"})
+    await wait_idle(client, conversation_id)
+    log = await (await client.get(f"/api/conversations/{conversation_id}/log")).read()
+    for start in [0] + [i + 1 for i, b in enumerate(log) if b == ord("\n")]:
+        response = await client.get(f"/api/conversations/{conversation_id}/events?from={start}")
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "text/event-stream"
+        assert response.headers["Cache-Control"] == "no-cache"
+        assert response.headers["X-Accel-Buffering"] == "no"
+        want = expected_stream(log, start, 750)
+        got = b""
+        while len(got) < len(want):
+            got += await asyncio.wait_for(response.content.readany(), 5)
+        assert got == want
+        response.close()
+
+
+async def test_resume_mid_reply_has_no_gap_and_no_duplicate(make_client):
+    client = await make_client(demo_tokens_per_s=200, demo_reply_tokens=150)
+    conversation_id = await create_conversation(client)
+    started = await (
+        await client.post(f"/api/conversations/{conversation_id}/messages", json={"text": "go"})
+    ).json()
+    url = f"/api/conversations/{conversation_id}/events"
+    first = await client.get(url, params={"from": str(started["offset"])})
+    part = await read_events(first, limit=20)
+    first.close()  # drop the connection mid-reply
+    await asyncio.sleep(0.2)  # the reply goes on while nobody watches
+    last_id = part.events[-1].id
+    second = await client.get(url, headers={"Last-Event-ID": last_id})
+    rest = await read_events(
+        second,
+        until=lambda e: (
+            e.event == "end" and records.decode(e.data.encode())["id"] == started["reply_id"]
+        ),
+    )
+    second.close()
+    await wait_idle(client, conversation_id)
+    log = await (await client.get(f"/api/conversations/{conversation_id}/log")).read()
+    received = [e.data.encode() + b"\n" for e in part.events + rest.events]
+    assert b"".join(received) == log[started["offset"] :]
+    ids = [int(e.id) for e in part.events + rest.events]
+    assert ids == sorted(set(ids))
+    assert ids[-1] == len(log)
+
+
+async def test_post_with_accept_event_stream_streams_the_reply(make_client):
+    client = await make_client(demo_reply_tokens=8)
+    conversation_id = await create_conversation(client)
+    response = await client.post(
+        f"/api/conversations/{conversation_id}/messages",
+        json={"text": "hello"},
+        headers={"Accept": "text/event-stream"},
+    )
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "text/event-stream"
+    reader = await read_events(response)  # the server closes after the reply's end
+    kinds = [e.event for e in reader.events]
+    assert kinds == ["user", "start"] + ["chunk"] * 8 + ["end"]
+    log = await (await client.get(f"/api/conversations/{conversation_id}/log")).read()
+    assert int(reader.events[-1].id) == len(log)
+
+
+@pytest.mark.parametrize(
+    "header,status,code",
+    [
+        ("abc", 400, "invalid_offset"),
+        ("-5", 400, "invalid_offset"),
+        ("3", 416, "offset_not_boundary"),
+        ("999999", 416, "offset_out_of_range"),
+    ],
+)
+async def test_bad_last_event_id(make_client, header, status, code):
+    client = await make_client()
+    conversation_id = await create_conversation(client)
+    committed = (await (await client.get(f"/api/conversations/{conversation_id}")).json())["offset"]
+    response = await client.get(
+        f"/api/conversations/{conversation_id}/events", headers={"Last-Event-ID": header}
+    )
+    assert response.status == status
+    body = await response.json()
+    assert body["error"] == code
+    if status == 416:
+        assert body["offset"] == committed
+    response = await client.get(f"/api/conversations/{conversation_id}/events?from={header}")
+    assert response.status == status
+
+
+async def test_keepalive_comments_when_idle(make_client):
+    client = await make_client(keepalive=0.1)
+    conversation_id = await create_conversation(client)
+    response = await client.get(f"/api/conversations/{conversation_id}/events")
+    reader = StreamReader()
+    while len(reader.comments) < 3:
+        reader.feed(await asyncio.wait_for(response.content.readany(), 5))
+    assert reader.comments[:3] == ["keep-alive"] * 3
+    assert [e.event for e in reader.events] == ["conversation"]
+    assert b"\n\n: keep-alive\n\n" in bytes(reader.raw)
+    response.close()
+
+
+async def test_write_before_show_append_failure_at_kth_chunk(make_client):
+    io = FaultyIO()
+    client = await make_client(file_io=io, demo_tokens_per_s=100, demo_reply_tokens=40)
+    victim = await create_conversation(client)
+    other = await create_conversation(client)
+    stream = await client.get(f"/api/conversations/{victim}/events")
+    reader = StreamReader()
+    k = 7
+    io.target = f"{victim}.jsonl"
+    io.fail_errno = errno.EIO
+    io.fail_write_if = lambda data: b'"type":"chunk"' in data and b'"i":%d,' % k in data
+    started = await client.post(f"/api/conversations/{victim}/messages", json={"text": "hi"})
+    assert started.status == 202
+    # The stream ends once the log has failed (nothing more can ever be committed).
+    while True:
+        data = await asyncio.wait_for(stream.content.readany(), 10)
+        if not data:
+            break
+        reader.feed(data)
+    chunks = [records.decode(e.data.encode()) for e in reader.events if e.event == "chunk"]
+    assert [c["i"] for c in chunks] == list(range(k))
+    assert not any(e.event == "end" for e in reader.events)
+    body = await wait_idle(client, victim)
+    assert body["writable"] is False
+    # appends to the failed conversation get a clear error, committed records stay readable
+    response = await client.post(f"/api/conversations/{victim}/messages", json={"text": "again"})
+    assert response.status == 503 and (await response.json())["error"] == "log_failed"
+    log = await (await client.get(f"/api/conversations/{victim}/log")).read()
+    assert log.count(b'"type":"chunk"') == k
+    # other conversations keep working (the fault persists for the victim's file)
+    response = await client.post(f"/api/conversations/{other}/messages", json={"text": "ok?"})
+    assert response.status == 202
+    other_body = await wait_idle(client, other)
+    assert other_body["messages"][-1]["finish"] == "stop"
