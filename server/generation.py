@@ -34,6 +34,9 @@ __all__ = ["NoReplyError", "ReplyRunningError", "Replies", "Started"]
 
 logger = logging.getLogger(__name__)
 
+MAX_BACKLOG = 256
+"""Queued, uncommitted chunks after which a reply waits for the log to catch up."""
+
 
 class ReplyRunningError(Exception):
     """A reply is already running in this conversation."""
@@ -142,17 +145,26 @@ class Replies:
             history = messages(_decode_all(await log.read()))
             stream = self.provider.stream(prompt(log.summary.system, history), model=model)
             index = 0
+            last: asyncio.Future[int] | None = None
             try:
                 async for delta in stream:
                     if delta.text:
-                        await log.append(
+                        # Pipelined: the chunk is queued and commits in order; no reader
+                        # can see it before it is committed. A failed log refuses the
+                        # next chunk at once, which stops the provider stream.
+                        last = log.append_nowait(
                             records.chunk(reply_id=reply.reply_id, i=index, text=delta.text)
                         )
+                        last.add_done_callback(_retrieve)
                         index += 1
+                        if log.backlog >= MAX_BACKLOG:
+                            await last
                     if delta.finish_reason is not None:
                         finish = "length" if delta.finish_reason == "length" else "stop"
                     if delta.usage is not None:
                         usage = delta.usage
+                if last is not None:
+                    await last
             finally:
                 with contextlib.suppress(Exception):
                     await stream.aclose()  # type: ignore[attr-defined]
@@ -181,6 +193,13 @@ class Replies:
             )
         finally:
             self._running.pop(conversation_id, None)
+
+
+def _retrieve(future: asyncio.Future[int]) -> None:
+    # Only the last queued chunk is awaited; a failure of an earlier one is the same
+    # failure (the log fails as a whole), so mark it seen.
+    if not future.cancelled():
+        future.exception()
 
 
 def _decode_all(data: bytes) -> list[records.Record]:

@@ -291,13 +291,32 @@ class ConversationLog:
         :raises LogClosedError, LogReadOnlyError, LogFailedError: nothing was committed.
         :raises storage.records.RecordError: the record cannot be encoded.
         """
+        return await self.append_nowait(record)
+
+    def append_nowait(self, record: records.Record) -> asyncio.Future[int]:
+        """Queue one record for the next commit and return at once.
+
+        Records are committed in the order they were queued, so a writer can queue
+        several and wait only for the last (a pipeline: one write and one sync for the
+        whole batch). Readers still see none of them before they are committed.
+
+        :returns: a future of the offset just after the record; it raises
+            :class:`LogFailedError` if the write or sync of its batch fails.
+        :raises LogClosedError, LogReadOnlyError, LogFailedError: not queued.
+        :raises storage.records.RecordError: the record cannot be encoded.
+        """
         self.check_writable()
         data = records.encode(record)
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._queue.append((record, data, done))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush(), name=f"flush {self.path.name}")
-        return await done
+        return done
+
+    @property
+    def backlog(self) -> int:
+        """Records queued and not yet being written."""
+        return len(self._queue)
 
     async def _flush(self) -> None:
         try:

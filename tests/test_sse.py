@@ -167,7 +167,10 @@ async def test_write_before_show_append_failure_at_kth_chunk(make_client):
             break
         reader.feed(data)
     chunks = [records.decode(e.data.encode()) for e in reader.events if e.event == "chunk"]
-    assert [c["i"] for c in chunks] == list(range(k))
+    shown = [c["i"] for c in chunks]
+    # chunk k never reaches a client, nor anything after it (chunks queued in the same
+    # batch as chunk k fail with it, so fewer than k may have been shown)
+    assert shown == list(range(len(shown))) and len(shown) <= k
     assert not any(e.event == "end" for e in reader.events)
     body = await wait_idle(client, victim)
     assert body["writable"] is False
@@ -175,7 +178,7 @@ async def test_write_before_show_append_failure_at_kth_chunk(make_client):
     response = await client.post(f"/api/conversations/{victim}/messages", json={"text": "again"})
     assert response.status == 503 and (await response.json())["error"] == "log_failed"
     log = await (await client.get(f"/api/conversations/{victim}/log")).read()
-    assert log.count(b'"type":"chunk"') == k
+    assert log.count(b'"type":"chunk"') == len(shown)
     # other conversations keep working (the fault persists for the victim's file)
     response = await client.post(f"/api/conversations/{other}/messages", json={"text": "ok?"})
     assert response.status == 202
