@@ -185,7 +185,7 @@ async def list_conversations(request: web.Request) -> web.Response:
 @routes.post("/api/conversations")
 async def create_conversation(request: web.Request) -> web.Response:
     body = await _body(request, required=False)
-    title = _optional_str(body, "title", max_chars=MAX_TITLE_CHARS) or "New chat"
+    title = _optional_str(body, "title", max_chars=MAX_TITLE_CHARS) or ""
     model = _optional_str(body, "model", max_chars=200) or request.app[PROVIDER].model
     system = _optional_str(body, "system", max_chars=request.app[SETTINGS].max_message_chars)
     store: Store = request.app[STORE]

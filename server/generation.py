@@ -80,7 +80,8 @@ class Replies:
         return reply.reply_id if reply else None
 
     async def send(self, conversation_id: str, log: ConversationLog, text: str) -> Started:
-        """Append a ``user`` record and start the reply to it.
+        """Append a ``user`` record and start the reply to it. The first message of an
+        untitled conversation also appends a ``title`` record (:func:`title_from`).
 
         :raises ReplyRunningError: a reply is running (nothing was appended).
         :raises storage.LogError: the log cannot take the message (nothing was started).
@@ -95,6 +96,8 @@ class Replies:
         try:
             message = records.user(message_id=new_id(), text=text)
             after = await log.append(message)
+            if not log.summary.title and log.summary.user_messages == 1:
+                await log.append(records.title(title=title_from(text)))
         except BaseException:
             del self._running[conversation_id]
             raise
@@ -193,6 +196,16 @@ class Replies:
             )
         finally:
             self._running.pop(conversation_id, None)
+
+
+def title_from(text: str, limit: int = 60) -> str:
+    """A conversation title from its first message: the first line, whitespace
+    collapsed, cut at a word boundary to at most ``limit`` characters (with "…")."""
+    line = " ".join(text.strip().splitlines()[0].split()) if text.strip() else ""
+    if len(line) <= limit:
+        return line
+    cut = line[: limit - 1].rsplit(" ", 1)[0] or line[: limit - 1]
+    return cut + "…"
 
 
 def _retrieve(future: asyncio.Future[int]) -> None:

@@ -54,7 +54,7 @@ async function refreshList() {
       const item = document.createElement("li");
       const link = document.createElement("a");
       link.href = `#/c/${row.id}`;
-      link.textContent = row.title || "Untitled";
+      link.textContent = row.title || "New chat";
       link.title = new Date(row.updated).toLocaleString();
       if (current && current.id === row.id) link.setAttribute("aria-current", "page");
       item.append(link);
@@ -106,13 +106,14 @@ function connect(conversation, from) {
       const record = JSON.parse(event.data);
       const changed = applyRecord(conversation.view, record, Number(event.lastEventId));
       render(conversation, changed);
+      if (record.type === "title") refreshList();
     });
   }
 }
 
 function render(conversation, changed) {
   const view = conversation.view;
-  ui.title.textContent = view.title || "Untitled";
+  ui.title.textContent = view.title || "New chat";
   document.title = `${view.title || "chat"} · chatledger`;
   if (changed) {
     const nearBottom =

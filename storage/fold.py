@@ -39,6 +39,7 @@ class Summary:
     created: int = 0
     updated: int = 0
     records: int = 0
+    user_messages: int = 0
     open_replies: dict[str, int] = field(default_factory=dict)
 
     def observe(self, record: Record) -> None:
@@ -54,6 +55,8 @@ class Summary:
             self.created = record["ts"]
         elif kind == "title":
             self.title = record.get("title") or ""
+        elif kind == "user":
+            self.user_messages += 1
         elif kind == "start":
             self.open_replies[record["id"]] = 0
         elif kind == "chunk":

@@ -58,6 +58,31 @@ async def test_create_list_get_and_reply(make_client, data_dir):
     assert listing[0]["size"] == len(data) and listing[0]["updated"] >= listing[0]["created"]
 
 
+async def test_first_message_titles_an_untitled_conversation(make_client):
+    client = await make_client(demo_reply_tokens=2)
+    untitled = await create_conversation(client)
+    titled = await create_conversation(client, title="Kept")
+    long_text = "Plan   a week of dinners\nfor four people, " + "with leftovers " * 10
+    for conversation_id in (untitled, titled):
+        for text in (long_text, "second message"):
+            await client.post(f"/api/conversations/{conversation_id}/messages", json={"text": text})
+            await wait_idle(client, conversation_id)
+    titles = {
+        row["id"]: row["title"] for row in await (await client.get("/api/conversations")).json()
+    }
+    assert titles == {untitled: "Plan a week of dinners", titled: "Kept"}
+    log = await (await client.get(f"/api/conversations/{untitled}/log")).read()
+    assert log.count(b'"type":"title"') == 1
+
+
+def test_title_from_cuts_at_a_word():
+    from server.generation import title_from
+
+    assert title_from("  hello   world \nmore") == "hello world"
+    cut = title_from("word " * 30)
+    assert cut.endswith("…") and len(cut) <= 60 and not cut[:-1].endswith(" ")
+
+
 async def test_listing_is_newest_first(make_client):
     client = await make_client(demo_reply_tokens=2)
     first = await create_conversation(client, title="one")

@@ -104,7 +104,7 @@ async def test_post_with_accept_event_stream_streams_the_reply(make_client):
     assert response.headers["Content-Type"] == "text/event-stream"
     reader = await read_events(response)  # the server closes after the reply's end
     kinds = [e.event for e in reader.events]
-    assert kinds == ["user", "start"] + ["chunk"] * 8 + ["end"]
+    assert kinds == ["user", "title", "start"] + ["chunk"] * 8 + ["end"]  # first message titles
     log = await (await client.get(f"/api/conversations/{conversation_id}/log")).read()
     assert int(reader.events[-1].id) == len(log)
 
