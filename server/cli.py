@@ -1,5 +1,8 @@
 """The ``chatledger`` command.
 
+``chatledger verify [--data-dir D]`` checks every log read-only and exits 1 if any is
+wrong (:mod:`storage.verify`).
+
 ``chatledger serve [flags]`` runs the server until SIGINT or SIGTERM, then shuts down
 gracefully (running replies end with ``finish: "interrupted"``, streams close after their
 last event) and exits 0.
@@ -15,6 +18,7 @@ from pathlib import Path
 from aiohttp import web
 
 from storage import Durability
+from storage.verify import verify_dir
 
 from . import __version__
 from .app import build_provider, init_app
@@ -105,12 +109,42 @@ def parser() -> argparse.ArgumentParser:
         default=defaults.max_body_bytes,
         help="largest request body in bytes; larger gets 413 (262144)",
     )
+    verify = commands.add_parser(
+        "verify", help="check every conversation log, read-only; exit 1 if any is wrong"
+    )
+    verify.add_argument(
+        "--data-dir", type=Path, default=defaults.data_dir, help="the data dir (./chatledger-data)"
+    )
     return top
+
+
+def verify(data_dir: Path) -> int:
+    """``chatledger verify``: print a report per conversation. :returns: 0 if all are
+    sound, 1 if any is wrong, 2 if there is no data dir."""
+    try:
+        reports = verify_dir(data_dir)
+    except FileNotFoundError:
+        print(f"chatledger: no conversations in {data_dir}", file=sys.stderr)
+        return 2
+    for report in reports:
+        status = "ok  " if report.ok else "FAIL"
+        running = f", reply {report.open_reply} running" if report.open_reply else ""
+        print(
+            f"{status} {report.conversation_id}: {report.records} records, {report.size} bytes,"
+            f" {report.replies} replies{running}"
+        )
+        for problem in report.problems:
+            print(f"     - {problem}")
+    bad = sum(not r.ok for r in reports)
+    print(f"{len(reports)} conversations checked, {bad} with problems")
+    return 1 if bad else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script. :returns: the exit status."""
     args = parser().parse_args(argv)
+    if args.command == "verify":
+        return verify(args.data_dir)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
