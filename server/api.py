@@ -32,8 +32,9 @@ from storage import (
 from storage.fold import messages
 
 from . import __version__, sse
+from .admission import TooManyError
 from .generation import NoReplyError, Replies, ReplyRunningError
-from .keys import PROVIDER, REPLIES, SETTINGS, STORE
+from .keys import MESSAGE_RATE, PROVIDER, REPLIES, SETTINGS, STORE, STREAM_SLOTS
 
 __all__ = ["ApiError", "json_errors", "routes"]
 
@@ -76,6 +77,12 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return await handler(request)
     except ApiError as exc:
         return _json({"error": exc.code, "message": exc.message, **exc.extra}, status=exc.status)
+    except TooManyError as exc:
+        return _json(
+            {"error": "too_many_requests", "message": str(exc), "retry_after": exc.retry_after},
+            status=429,
+            headers={"Retry-After": str(exc.retry_after)},
+        )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -230,6 +237,7 @@ async def post_message(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, "invalid_field", f"'text' is longer than {limit} characters")
     conversation_id = request.match_info["conversation_id"]
     replies = request.app[REPLIES]
+    await request.app[MESSAGE_RATE].hit(request.remote or "unknown")
     try:
         started = await replies.send(conversation_id, log, text)
     except ReplyRunningError:
@@ -307,10 +315,12 @@ async def _stream(
         )
         raise ApiError(416, code, str(exc), offset=exc.committed) from None
     settings = request.app[SETTINGS]
+    slots = request.app[STREAM_SLOTS]
+    slots.acquire()
     response = web.StreamResponse(headers=sse.HEADERS)
-    await response.prepare(request)
     position = start
     try:
+        await response.prepare(request)
         await response.write(sse.retry(settings.retry_ms))
         while True:
             if position < log.committed:
@@ -335,6 +345,8 @@ async def _stream(
         # Headers are sent: no error answer is possible. End the stream; EventSource
         # reconnects with Last-Event-ID and resumes exactly.
         logger.exception("event stream of %s failed at offset %d", log.path.name, position)
+    finally:
+        slots.release()
     return response
 
 

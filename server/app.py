@@ -17,9 +17,10 @@ from aiohttp import web
 
 from storage import FileIO, Store
 
+from .admission import MessageRate, StreamSlots
 from .api import json_errors, routes
 from .generation import Replies
-from .keys import PROVIDER, REPLIES, SETTINGS, STORE
+from .keys import MESSAGE_RATE, PROVIDER, REPLIES, SETTINGS, STORE, STREAM_SLOTS
 from .providers import Provider
 from .settings import Settings
 
@@ -78,6 +79,8 @@ def init_app(
     chosen = provider if provider is not None else build_provider(settings)
     app[PROVIDER] = chosen
     app[REPLIES] = Replies(chosen)
+    app[STREAM_SLOTS] = StreamSlots(settings.max_streams)
+    app[MESSAGE_RATE] = MessageRate(settings.messages_per_minute)
     app.add_routes(routes)
     app.router.add_get("/", _index)
     app.router.add_static("/static/", STATIC_DIR, append_version=False)

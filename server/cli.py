@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import sys
 from pathlib import Path
 
@@ -109,6 +110,18 @@ def parser() -> argparse.ArgumentParser:
         default=defaults.max_body_bytes,
         help="largest request body in bytes; larger gets 413 (262144)",
     )
+    serve.add_argument(
+        "--max-streams",
+        type=int,
+        default=defaults.max_streams,
+        help="event streams open at once; more get 429 (2000; 0 = no limit)",
+    )
+    serve.add_argument(
+        "--messages-per-minute",
+        type=int,
+        default=defaults.messages_per_minute,
+        help="messages one client may send a minute; more get 429 (20; 0 = no limit)",
+    )
     verify = commands.add_parser(
         "verify", help="check every conversation log, read-only; exit 1 if any is wrong"
     )
@@ -140,6 +153,13 @@ def verify(data_dir: Path) -> int:
     return 1 if bad else 0
 
 
+def _raise_open_file_limit() -> None:
+    # Each event stream holds a socket: let the soft limit go up to the hard one.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script. :returns: the exit status."""
     args = parser().parse_args(argv)
@@ -160,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         demo_tokens_per_s=args.demo_tokens_per_s,
         demo_reply_tokens=args.demo_reply_tokens,
         max_body_bytes=args.max_body_bytes,
+        max_streams=args.max_streams,
+        messages_per_minute=args.messages_per_minute,
     )
     try:
         provider = build_provider(settings)
@@ -167,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ProviderError, ValueError, OSError) as exc:
         print(f"chatledger: {exc}", file=sys.stderr)
         return 2
+    _raise_open_file_limit()
     host = f"[{args.host}]" if ":" in args.host else args.host
     line = (
         f"chatledger {__version__} serving http://{host}:{args.port}/ "

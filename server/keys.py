@@ -6,13 +6,16 @@ from aiohttp import web
 
 from storage import Store
 
+from .admission import MessageRate, StreamSlots
 from .generation import Replies
 from .providers import Provider
 from .settings import Settings
 
-__all__ = ["PROVIDER", "REPLIES", "SETTINGS", "STORE"]
+__all__ = ["MESSAGE_RATE", "PROVIDER", "REPLIES", "SETTINGS", "STORE", "STREAM_SLOTS"]
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
 PROVIDER = web.AppKey("provider", Provider)
 REPLIES = web.AppKey("replies", Replies)
+STREAM_SLOTS = web.AppKey("stream_slots", StreamSlots)
+MESSAGE_RATE = web.AppKey("message_rate", MessageRate)

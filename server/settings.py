@@ -27,6 +27,8 @@ class Settings:
     :ivar demo_reply_tokens: tokens in a ``demo`` reply.
     :ivar max_body_bytes: largest request body (bytes); larger gets ``413``.
     :ivar max_message_chars: longest message or system text (characters).
+    :ivar max_streams: event streams open at once, server-wide (0: no limit).
+    :ivar messages_per_minute: messages one client may send a minute (0: no limit).
     """
 
     data_dir: Path = Path("chatledger-data")
@@ -42,3 +44,5 @@ class Settings:
     demo_reply_tokens: int = 60
     max_body_bytes: int = 256 * 1024
     max_message_chars: int = 32_000
+    max_streams: int = 2000
+    messages_per_minute: int = 20

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from storage import records
@@ -212,3 +214,37 @@ async def test_unknown_route_and_method_are_json(make_client):
     assert response.status == 404 and (await response.json())["error"] == "not_found"
     response = await client.delete("/api/conversations")
     assert response.status == 405 and (await response.json())["error"] == "method_not_allowed"
+
+
+async def test_messages_per_minute_per_client_get_429_with_retry_after(make_client):
+    client = await make_client(messages_per_minute=3, demo_reply_tokens=1)
+    conversation_id = await create_conversation(client)
+    url = f"/api/conversations/{conversation_id}"
+    for _ in range(3):
+        assert (await client.post(f"{url}/messages", json={"text": "hi"})).status == 202
+        await wait_idle(client, conversation_id)
+    size = (await (await client.get(url)).json())["offset"]
+    response = await client.post(f"{url}/messages", json={"text": "one too many"})
+    assert response.status == 429
+    assert 1 <= int(response.headers["Retry-After"]) <= 60
+    body = await response.json()
+    assert body["error"] == "too_many_requests" and body["retry_after"] >= 1
+    assert (await (await client.get(url)).json())["offset"] == size  # nothing appended
+
+
+async def test_concurrent_streams_limit(make_client):
+    client = await make_client(max_streams=2)
+    conversation_id = await create_conversation(client)
+    url = f"/api/conversations/{conversation_id}/events"
+    first, second = await client.get(url), await client.get(url)
+    assert first.status == second.status == 200
+    third = await client.get(url)
+    assert third.status == 429 and "Retry-After" in third.headers
+    assert (await third.json())["error"] == "too_many_requests"
+    first.close()
+    for _ in range(100):  # the server notices the closed stream at its next write or wait
+        fourth = await client.get(url)
+        if fourth.status == 200:
+            break
+        await asyncio.sleep(0.05)
+    assert fourth.status == 200

@@ -1,0 +1,79 @@
+"""Admission control: limits that keep one client from exhausting the server.
+
+* request body size: aiohttp's ``client_max_size`` (``413``, see :mod:`server.api`);
+* concurrent event streams, server-wide: :class:`StreamSlots` (``429``);
+* messages per minute per client: :class:`MessageRate`, a moving window from the
+  ``limits`` library (``429`` with ``Retry-After``).
+
+A client is its remote address as aiohttp sees it; behind a reverse proxy every client
+shares the proxy's address, so the per-client limit is then a limit for the proxy.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from limits import RateLimitItemPerMinute
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import MovingWindowRateLimiter
+
+__all__ = ["MessageRate", "StreamSlots", "TooManyError"]
+
+
+class TooManyError(Exception):
+    """A limit is reached. :ivar retry_after: seconds until a retry may succeed."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class StreamSlots:
+    """At most ``limit`` event streams open at once.
+
+    :param limit: slots; 0 means no limit.
+    :param retry_after: seconds a refused client is told to wait.
+    """
+
+    def __init__(self, limit: int, *, retry_after: int = 5) -> None:
+        self.limit = limit
+        self.retry_after = retry_after
+        self.open = 0
+
+    def acquire(self) -> None:
+        """Take a slot. :raises TooManyError: all are taken."""
+        if self.limit and self.open >= self.limit:
+            raise TooManyError(
+                f"the server has {self.limit} event streams open; try again later",
+                self.retry_after,
+            )
+        self.open += 1
+
+    def release(self) -> None:
+        self.open -= 1
+
+
+class MessageRate:
+    """At most ``per_minute`` messages per client in any moving 60 s window.
+
+    :param per_minute: messages; 0 means no limit.
+    """
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._item = RateLimitItemPerMinute(max(per_minute, 1))
+        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+
+    async def hit(self, client: str) -> None:
+        """Count one message of ``client``. :raises TooManyError: over the limit."""
+        if not self.per_minute:
+            return
+        if await self._limiter.hit(self._item, "messages", client):
+            return
+        stats = await self._limiter.get_window_stats(self._item, "messages", client)
+        retry_after = max(1, math.ceil(stats.reset_time - time.time()))
+        raise TooManyError(
+            f"more than {self.per_minute} messages a minute; try again in {retry_after} s",
+            retry_after,
+        )
