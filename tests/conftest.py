@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,71 +21,95 @@ from server.settings import Settings
 from storage import Durability, FileIO
 
 
-class FaultyIO(FileIO):
-    """A :class:`FileIO` that can fail or slow down chosen calls.
+@dataclass
+class Fault:
+    """One armed fault of :class:`FaultyIO` (see :meth:`FaultyIO.arm`)."""
 
-    :ivar fail_write: ``n`` -> the n-th ``write_all`` call (1-based, counted from when it is
-        set) and every later one raise ``OSError(fail_errno)``; ``persistent=False`` fails
-        only that call.
-    :ivar fail_write_if: a predicate on the bytes of a ``write_all``; the first write it
-        matches fails (and, ``persistent``, every later one).
-    :ivar target: when set, only calls on files whose path contains it count and fail.
-    :ivar sync_delay: seconds each ``fdatasync`` sleeps before syncing.
-    :ivar synced: byte counts per fd that completed ``fdatasync`` (for ordering checks).
+    errno: int
+    skip: int
+    persistent: bool
+    partial: bool
+    when: Callable[[bytes], bool] | None
+    fired: bool = False
+
+
+class FaultyIO(FileIO):
+    """A :class:`FileIO` whose ``write_all``/``fdatasync`` can fail, tear or slow down.
+
+    :ivar target: when set, only calls on files whose path contains it are counted,
+        faulted or slowed; other files go straight through.
+    :ivar calls: counted calls per kind (``"write"``, ``"sync"``).
+    :ivar calls_after_fault: calls per kind made after that kind's fault fired.
+    :ivar sync_delay: seconds each counted ``fdatasync`` sleeps first.
+    :ivar on_sync: called with the fd after each successful counted ``fdatasync``.
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.writes = 0
-        self.syncs = 0
-        self.fail_write: int | None = None
-        self.fail_sync: int | None = None
-        self.fail_errno = errno.EIO
         self.target: str | None = None
-        self.fail_write_if: Callable[[bytes], bool] | None = None
-        self._tripped = False
-        self.persistent = True
+        self.calls = {"write": 0, "sync": 0}
+        self.calls_after_fault = {"write": 0, "sync": 0}
+        self.faults: dict[str, Fault] = {}
         self.sync_delay = 0.0
-        self.written_to: dict[int, int] = {}
-        self.synced_to: dict[int, int] = {}
         self.on_sync: Callable[[int], None] | None = None
 
-    def _should_fail(self, count: int, at: int | None) -> bool:
-        return at is not None and (count == at or (self.persistent and count > at))
+    def arm(
+        self,
+        call: str,
+        *,
+        errno: int = errno.EIO,
+        skip: int = 0,
+        persistent: bool = True,
+        partial: bool = False,
+        when: Callable[[bytes], bool] | None = None,
+    ) -> None:
+        """Fail a future ``call`` (``"write"`` or ``"sync"``) with ``OSError(errno)``.
+
+        :param skip: let this many matching calls succeed first.
+        :param persistent: every later call of that kind fails too (else only one).
+        :param partial: a failing write first writes half its bytes (a torn write).
+        :param when: for writes, fail only a call whose bytes match this predicate.
+        """
+        self.faults[call] = Fault(errno, skip, persistent, partial, when)
+
+    def disarm(self) -> None:
+        self.faults.clear()
 
     def _targeted(self, fd: int) -> bool:
         return self.target is None or self.target in os.readlink(f"/proc/self/fd/{fd}")
 
+    def _check(self, call: str, data: bytes = b"") -> Fault | None:
+        with self.lock:
+            self.calls[call] += 1
+            fault = self.faults.get(call)
+            if fault is None:
+                return None
+            if fault.fired:
+                self.calls_after_fault[call] += 1
+                return fault if fault.persistent else None
+            if fault.when is not None and not fault.when(data):
+                return None
+            if fault.skip:
+                fault.skip -= 1
+                return None
+            fault.fired = True
+            return fault
+
     def write_all(self, fd: int, data: bytes) -> None:
-        if not self._targeted(fd):
-            return super().write_all(fd, data)
-        with self.lock:
-            self.writes += 1
-            count = self.writes
-            if self.fail_write_if is not None and (
-                (self._tripped and self.persistent) or self.fail_write_if(data)
-            ):
-                self._tripped = True
-                raise OSError(self.fail_errno, os.strerror(self.fail_errno))
-        if self._should_fail(count, self.fail_write):
-            raise OSError(self.fail_errno, os.strerror(self.fail_errno))
+        if self._targeted(fd) and (fault := self._check("write", data)) is not None:
+            if fault.partial:
+                super().write_all(fd, data[: len(data) // 2])
+            raise OSError(fault.errno, os.strerror(fault.errno))
         super().write_all(fd, data)
-        with self.lock:
-            self.written_to[fd] = self.written_to.get(fd, 0) + len(data)
 
     def fdatasync(self, fd: int) -> None:
         if not self._targeted(fd):
             return super().fdatasync(fd)
-        with self.lock:
-            self.syncs += 1
-            count = self.syncs
         if self.sync_delay:
             time.sleep(self.sync_delay)
-        if self._should_fail(count, self.fail_sync):
-            raise OSError(self.fail_errno, os.strerror(self.fail_errno))
+        if (fault := self._check("sync")) is not None:
+            raise OSError(fault.errno, os.strerror(fault.errno))
         super().fdatasync(fd)
-        with self.lock:
-            self.synced_to[fd] = os.fstat(fd).st_size
         if self.on_sync is not None:
             self.on_sync(fd)
 
@@ -106,7 +131,7 @@ def make_client(aiohttp_client, data_dir: Path):
 
     async def make(*, file_io: FileIO | None = None, provider=None, **overrides) -> TestClient:
         settings = Settings(
-            data_dir=data_dir,
+            data_dir=overrides.pop("data_dir", data_dir),
             durability=overrides.pop("durability", Durability.FSYNC),
             keepalive=overrides.pop("keepalive", 15.0),
             retry_ms=overrides.pop("retry_ms", 500),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import threading
 from pathlib import Path
 
@@ -52,13 +53,13 @@ async def test_group_commit_shares_syncs(tmp_path):
     io = FaultyIO()
     log = await new_log(tmp_path, file_io=io)
     io.sync_delay = 0.02
-    syncs_before = io.syncs
+    syncs_before = io.calls["sync"]
     results = await asyncio.gather(
         *(log.append(records.user(message_id=f"m{i}", text="x")) for i in range(50))
     )
     assert results == sorted(results) and len(set(results)) == 50
     # The first append syncs alone; the 49 that queued during its sync share the next.
-    assert io.syncs - syncs_before <= 3
+    assert io.calls["sync"] - syncs_before <= 3
     await log.close()
 
 
@@ -71,7 +72,7 @@ async def test_follower_never_sees_a_record_before_its_sync_completed(tmp_path):
 
     def on_sync(fd: int) -> None:
         with lock:
-            fd_synced["size"] = io.synced_to[fd]
+            fd_synced["size"] = os.fstat(fd).st_size
 
     io.on_sync = on_sync
     seen: list[int] = []
@@ -98,10 +99,10 @@ async def test_follower_never_sees_a_record_before_its_sync_completed(tmp_path):
 async def test_flush_mode_never_syncs_appends(tmp_path):
     io = FaultyIO()
     log = await new_log(tmp_path, file_io=io, durability=Durability.FLUSH)
-    syncs = io.syncs
+    syncs = io.calls["sync"]
     for i in range(5):
         await log.append(records.user(message_id=f"m{i}", text="x"))
-    assert io.syncs == syncs
+    assert io.calls["sync"] == syncs
     await log.close()
 
 
@@ -152,11 +153,11 @@ async def test_failed_write_is_fatal_for_that_log_only(tmp_path):
     io = FaultyIO()
     log = await new_log(tmp_path, file_io=io)
     committed = await log.append(records.user(message_id="m1", text="kept"))
-    io.fail_write, io.fail_errno = io.writes + 1, errno.ENOSPC
+    io.arm("write", errno=errno.ENOSPC)
     with pytest.raises(LogFailedError) as excinfo:
         await log.append(records.user(message_id="m2", text="lost"))
     assert excinfo.value.errno == errno.ENOSPC
-    io.fail_write = None  # even once the disk recovers, the log stays failed
+    io.disarm()  # even once the disk recovers, the log stays failed
     with pytest.raises(LogFailedError):
         await log.append(records.user(message_id="m3", text="refused"))
     assert log.committed == committed
@@ -170,14 +171,14 @@ async def test_failed_write_is_fatal_for_that_log_only(tmp_path):
 async def test_failed_sync_is_never_retried_as_if_it_worked(tmp_path):
     io = FaultyIO()
     log = await new_log(tmp_path, file_io=io)
-    io.fail_sync, io.persistent = io.syncs + 1, False  # fails once only
+    io.arm("sync", persistent=False)  # fails once only
     pending = [log.append(records.user(message_id=f"m{i}", text="x")) for i in range(3)]
     results = await asyncio.gather(*pending, return_exceptions=True)
     assert all(isinstance(r, LogFailedError) for r in results)
-    syncs = io.syncs
+    calls = dict(io.calls)
     with pytest.raises(LogFailedError):
         await log.append(records.user(message_id="later", text="x"))
-    assert io.syncs == syncs
+    assert io.calls == calls  # no write, no sync retried
     assert log.committed == len(records.encode(first_record()))
     await log.close()
 

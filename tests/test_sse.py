@@ -156,8 +156,11 @@ async def test_write_before_show_append_failure_at_kth_chunk(make_client):
     reader = StreamReader()
     k = 7
     io.target = f"{victim}.jsonl"
-    io.fail_errno = errno.EIO
-    io.fail_write_if = lambda data: b'"type":"chunk"' in data and b'"i":%d,' % k in data
+    io.arm(
+        "write",
+        errno=errno.EIO,
+        when=lambda data: b'"type":"chunk","ts"' in data and b'"i":%d,' % k in data,
+    )
     started = await client.post(f"/api/conversations/{victim}/messages", json={"text": "hi"})
     assert started.status == 202
     # The stream ends once the log has failed (nothing more can ever be committed).

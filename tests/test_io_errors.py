@@ -1,0 +1,149 @@
+"""I/O errors in the log's write path: ENOSPC and EIO in ``write`` and ``fdatasync``, once
+and persistently. Nothing past the failure reaches a client, no call is retried as if it
+worked, the conversation answers appends with a clear error while its committed records
+stay readable, other conversations go on, and a restart recovers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from storage import FileIO
+from storage.verify import verify_dir
+
+from .conftest import FaultyIO, create_conversation, wait_idle
+from .sse_reader import StreamReader
+
+
+async def read_until_closed(response, reader: StreamReader, limit_s: float = 20.0) -> None:
+    while data := await asyncio.wait_for(response.content.readany(), limit_s):
+        reader.feed(data)
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["once", "persistent"])
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO], ids=["ENOSPC", "EIO"])
+@pytest.mark.parametrize("call", ["write", "sync"])
+async def test_io_error_in_the_write_path(make_client, data_dir, call, err, persistent):
+    io = FaultyIO()
+    client = await make_client(file_io=io, demo_tokens_per_s=300, demo_reply_tokens=300)
+    victim = await create_conversation(client, title="victim")
+    other = await create_conversation(client, title="other")
+    stream = await client.get(f"/api/conversations/{victim}/events")
+    io.target = f"{victim}.jsonl"
+    # user, start and a few chunks commit; then a write (torn: half its bytes) or a sync fails
+    io.arm(call, errno=err, skip=4, persistent=persistent, partial=call == "write")
+    assert (
+        await client.post(f"/api/conversations/{victim}/messages", json={"text": "hi"})
+    ).status == 202
+    reader = StreamReader()
+    await read_until_closed(stream, reader)  # the stream ends: nothing more can commit
+
+    log = await (await client.get(f"/api/conversations/{victim}/log")).read()
+    shown = b"".join(e.data.encode() + b"\n" for e in reader.events)
+    assert shown == log  # every record shown is committed, and nothing past the failure
+    assert int(reader.events[-1].id) == len(log)
+    assert b'"type":"chunk"' in log and b'"type":"end"' not in log
+    assert io.calls_after_fault == {"write": 0, "sync": 0}  # nothing retried
+
+    body = await wait_idle(client, victim)
+    assert body["writable"] is False and body["offset"] == len(log)
+    response = await client.post(f"/api/conversations/{victim}/messages", json={"text": "again"})
+    expected = (507, "disk_full") if err == errno.ENOSPC else (503, "log_failed")
+    assert (response.status, (await response.json())["error"]) == expected
+
+    assert (
+        await client.post(f"/api/conversations/{other}/messages", json={"text": "fine?"})
+    ).status == 202
+    assert (await wait_idle(client, other))["messages"][-1]["finish"] == "stop"
+
+    await client.close()  # restart on the same data dir with a healthy disk
+    client = await make_client(file_io=FileIO(), demo_reply_tokens=3)
+    recovered = await (await client.get(f"/api/conversations/{victim}/log")).read()
+    assert recovered.startswith(log)
+    body = await (await client.get(f"/api/conversations/{victim}")).json()
+    assert body["writable"] and body["messages"][-1]["finish"] == "interrupted"
+    if call == "write":
+        kept = list((data_dir / "conversations").glob(f"{victim}.jsonl.torn-*"))
+        assert len(kept) == 1  # the torn half-write was cut and kept aside
+    assert all(report.ok for report in verify_dir(data_dir))
+    assert (
+        await client.post(f"/api/conversations/{victim}/messages", json={"text": "back"})
+    ).status == 202
+    assert (await wait_idle(client, victim))["messages"][-1]["finish"] == "stop"
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str):
+    path.mkdir(parents=True)
+    result = subprocess.run(
+        [
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            f"size={size}",
+            f"chatledger-{uuid.uuid4().hex[:8]}",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+async def test_real_full_disk(make_client, tmp_path):
+    with small_tmpfs(tmp_path / "disk", "256k") as disk:
+        data_dir = disk / "data"
+        client = await make_client(
+            data_dir=data_dir, demo_tokens_per_s=0, demo_reply_tokens=1_000_000
+        )
+        quiet = await create_conversation(client, title="quiet")
+        ballast = disk / "ballast"
+        ballast.write_bytes(b"\0" * 64 * 1024)
+        victim = await create_conversation(client, title="fills the disk")
+        stream = await client.get(f"/api/conversations/{victim}/events")
+        assert (
+            await client.post(f"/api/conversations/{victim}/messages", json={"text": "go"})
+        ).status == 202
+        reader = StreamReader()
+        await read_until_closed(stream, reader, limit_s=60)
+        log = await (await client.get(f"/api/conversations/{victim}/log")).read()
+        assert b"".join(e.data.encode() + b"\n" for e in reader.events) == log
+        await wait_idle(client, victim, limit_s=60)
+        response = await client.post(f"/api/conversations/{victim}/messages", json={"text": "x"})
+        assert response.status == 507 and (await response.json())["error"] == "disk_full"
+        response = await client.post("/api/conversations", json={"title": "no room"})
+        assert response.status == 507
+        assert (await client.get(f"/api/conversations/{quiet}")).status == 200
+
+        ballast.unlink()  # room again: the other conversation goes on at once
+        response = await client.post(f"/api/conversations/{quiet}/messages", json={"text": "hi"})
+        assert response.status == 202
+        await client.post(f"/api/conversations/{quiet}/stop")  # its reply would fill it again
+        quiet_log = await (await client.get(f"/api/conversations/{quiet}/log")).read()
+        assert b'"type":"user"' in quiet_log and b'"text":"hi"' in quiet_log
+        await client.close()
+
+        remount = ["mount", "-o", "remount,size=4m", str(disk)]  # the owner frees room
+        await asyncio.to_thread(subprocess.run, remount, check=True)
+        client = await make_client(data_dir=data_dir, demo_reply_tokens=2)
+        body = await (await client.get(f"/api/conversations/{victim}")).json()
+        assert body["messages"][-1]["finish"] == "interrupted"
+        recovered = await (await client.get(f"/api/conversations/{victim}/log")).read()
+        assert recovered.startswith(log)
+        assert all(report.ok for report in verify_dir(data_dir))
+        response = await client.post(f"/api/conversations/{victim}/messages", json={"text": "x"})
+        assert response.status == 202
+        assert (await wait_idle(client, victim))["messages"][-1]["finish"] == "stop"
+        await client.close()
