@@ -11,8 +11,10 @@ shares the proxy's address, so the per-client limit is then a limit for the prox
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage
@@ -40,6 +42,15 @@ class StreamSlots:
         self.limit = limit
         self.retry_after = retry_after
         self.open = 0
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Hold a slot for the duration of a ``with`` block. :raises TooManyError:"""
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
 
     def acquire(self) -> None:
         """Take a slot. :raises TooManyError: all are taken."""

@@ -33,7 +33,7 @@ from storage.fold import messages
 
 from . import __version__, sse
 from .admission import TooManyError
-from .generation import NoReplyError, Replies, ReplyRunningError
+from .generation import NoReplyError, Replies, ReplyRunningError, Started
 from .keys import MESSAGE_RATE, PROVIDER, REPLIES, SETTINGS, STORE, STREAM_SLOTS
 
 __all__ = ["ApiError", "json_errors", "routes"]
@@ -82,6 +82,10 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
             {"error": "too_many_requests", "message": str(exc), "retry_after": exc.retry_after},
             status=429,
             headers={"Retry-After": str(exc.retry_after)},
+        )
+    except LogClosedError:
+        return _json(
+            {"error": "shutting_down", "message": "the server is shutting down"}, status=503
         )
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -146,7 +150,7 @@ def _raise_log_error(exc: LogError) -> NoReturn:
         raise ApiError(503, "log_failed", f"this conversation's log cannot be written: {exc}")
     if isinstance(exc, LogReadOnlyError):
         raise ApiError(503, "read_only", f"this conversation is read-only: {exc}")
-    raise ApiError(503, "unavailable", str(exc))
+    raise ApiError(503, "shutting_down", "the server is shutting down")
 
 
 def _info(conversation_id: str, log: ConversationLog, replies: Replies) -> dict[str, Any]:
@@ -238,8 +242,24 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     conversation_id = request.match_info["conversation_id"]
     replies = request.app[REPLIES]
     await request.app[MESSAGE_RATE].hit(request.remote or "unknown")
+    if "text/event-stream" in request.headers.get("Accept", ""):
+        with request.app[STREAM_SLOTS].hold():  # taken before the message is appended
+            started = await _send(replies, conversation_id, log, text)
+            return await _stream(request, log, started.offset, until_end_of=started.reply_id)
+    started = await _send(replies, conversation_id, log, text)
+    return _json(
+        {
+            "message_id": started.message_id,
+            "reply_id": started.reply_id,
+            "offset": started.offset,
+        },
+        status=202,
+    )
+
+
+async def _send(replies: Replies, conversation_id: str, log: ConversationLog, text: str) -> Started:
     try:
-        started = await replies.send(conversation_id, log, text)
+        return await replies.send(conversation_id, log, text)
     except ReplyRunningError:
         raise ApiError(
             409,
@@ -249,16 +269,6 @@ async def post_message(request: web.Request) -> web.StreamResponse:
         ) from None
     except LogError as exc:
         _raise_log_error(exc)
-    if "text/event-stream" in request.headers.get("Accept", ""):
-        return await _stream(request, log, started.offset, until_end_of=started.reply_id)
-    return _json(
-        {
-            "message_id": started.message_id,
-            "reply_id": started.reply_id,
-            "offset": started.offset,
-        },
-        status=202,
-    )
 
 
 @routes.post("/api/conversations/{conversation_id}/stop")
@@ -282,7 +292,7 @@ async def raw_log(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     position = 0
     while position < end:
-        block = await log.read(position, min(end, position + 1 << 20))
+        block = await log.read(position, min(end, position + (1 << 20)))
         await response.write(block)
         position += len(block)
     await response.write_eof()
@@ -296,7 +306,8 @@ async def events(request: web.Request) -> web.StreamResponse:
         start = sse.start_offset(request.headers, request.query)
     except sse.StartOffsetError as exc:
         raise ApiError(400, "invalid_offset", str(exc)) from None
-    return await _stream(request, log, start)
+    with request.app[STREAM_SLOTS].hold():
+        return await _stream(request, log, start)
 
 
 async def _stream(
@@ -304,8 +315,10 @@ async def _stream(
 ) -> web.StreamResponse:
     """Send committed records from ``start`` as SSE events, then follow the log.
 
-    Ends when the client leaves, the log closes (shutdown) or fails, or, with
-    ``until_end_of``, after the ``end`` record of that reply.
+    The caller holds a stream slot. Ends when the client leaves, the log closes
+    (shutdown), or, with ``until_end_of``, after the ``end`` record of that reply. A
+    failed or read-only log's stream stays open with keep-alives (nothing new can
+    commit), so EventSource does not reconnect in a loop.
     """
     try:
         await log.check_offset(start)
@@ -315,8 +328,6 @@ async def _stream(
         )
         raise ApiError(416, code, str(exc), offset=exc.committed) from None
     settings = request.app[SETTINGS]
-    slots = request.app[STREAM_SLOTS]
-    slots.acquire()
     response = web.StreamResponse(headers=sse.HEADERS)
     position = start
     try:
@@ -333,8 +344,8 @@ async def _stream(
                 if ended:
                     break
                 continue
-            if not log.live:
-                break
+            if log.closed:
+                break  # shutdown: every committed record was sent
             try:
                 await asyncio.wait_for(log.wait_committed(position), settings.keepalive)
             except TimeoutError:
@@ -345,8 +356,6 @@ async def _stream(
         # Headers are sent: no error answer is possible. End the stream; EventSource
         # reconnects with Last-Event-ID and resumes exactly.
         logger.exception("event stream of %s failed at offset %d", log.path.name, position)
-    finally:
-        slots.release()
     return response
 
 

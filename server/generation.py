@@ -23,9 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from storage import ConversationLog, LogError, new_id, records
+from storage import ConversationLog, LogClosedError, LogError, new_id, records
 from storage.fold import messages, prompt
 
 from .providers import Provider, ProviderError
@@ -61,6 +61,17 @@ class _Reply:
     reply_id: str
     task: asyncio.Task[None] | None = None
     finish_on_cancel: str = "interrupted"
+    begun: bool = False  # the task has started running
+    stop_requested: bool = False
+    created: asyncio.Event = field(default_factory=asyncio.Event)  # task made, or send failed
+
+    def request_stop(self, finish: str) -> None:
+        """End the reply with ``finish``. A task that has not begun is not cancelled (its
+        coroutine would never run its cleanup): it sees the request when it begins."""
+        self.finish_on_cancel = finish
+        self.stop_requested = True
+        if self.task is not None and self.begun:
+            self.task.cancel()
 
 
 class Replies:
@@ -84,10 +95,11 @@ class Replies:
         untitled conversation also appends a ``title`` record (:func:`title_from`).
 
         :raises ReplyRunningError: a reply is running (nothing was appended).
-        :raises storage.LogError: the log cannot take the message (nothing was started).
+        :raises storage.LogError: the log cannot take the message (nothing was started),
+            or the server is shutting down.
         """
         if self._closing:
-            raise LogError("the server is shutting down")
+            raise LogClosedError("the server is shutting down")
         if conversation_id in self._running:
             raise ReplyRunningError(conversation_id)
         log.check_writable()
@@ -100,11 +112,15 @@ class Replies:
                 await log.append(records.title(title=title_from(text)))
         except BaseException:
             del self._running[conversation_id]
+            reply.created.set()
             raise
         reply.task = asyncio.create_task(
             self._run(conversation_id, log, reply, message["id"]),
             name=f"reply {conversation_id}/{reply.reply_id}",
         )
+        if self._closing:  # shutdown began while the message was being appended
+            reply.request_stop("interrupted")
+        reply.created.set()
         return Started(
             message_id=message["id"],
             reply_id=reply.reply_id,
@@ -112,39 +128,46 @@ class Replies:
         )
 
     async def stop(self, conversation_id: str) -> str:
-        """Cancel the running reply and wait until its ``end`` (``cancelled``) is appended.
+        """Stop the running reply and wait until its ``end`` (``cancelled``) is appended.
 
         :returns: the reply id.
         :raises NoReplyError: no reply is running.
         """
         reply = self._running.get(conversation_id)
+        if reply is not None:
+            await reply.created.wait()
         if reply is None or reply.task is None:
             raise NoReplyError(conversation_id)
-        reply.finish_on_cancel = "cancelled"
-        reply.task.cancel()
-        await asyncio.shield(reply.task)
+        reply.request_stop("cancelled")
+        await asyncio.wait({reply.task})
         return reply.reply_id
 
     async def shutdown(self) -> None:
-        """End every running reply with ``finish: "interrupted"`` and wait for them."""
+        """End every running reply with ``finish: "interrupted"`` and wait for them,
+        including replies whose message is still being appended."""
         self._closing = True
-        tasks = []
-        for reply in list(self._running.values()):
-            if reply.task is not None:
-                reply.finish_on_cancel = "interrupted"
-                reply.task.cancel()
-                tasks.append(reply.task)
-        await asyncio.gather(*tasks, return_exceptions=True)
+        while self._running:
+            replies = list(self._running.values())
+            for reply in replies:
+                await reply.created.wait()
+            tasks = [reply.task for reply in replies if reply.task is not None]
+            for reply in replies:
+                reply.request_stop("interrupted")
+            if tasks:
+                await asyncio.wait(tasks)
 
     async def _run(
         self, conversation_id: str, log: ConversationLog, reply: _Reply, message_id: str
     ) -> None:
+        reply.begun = True
         model = log.summary.model or self.provider.model
         finish, usage, error = "stop", None, None
         try:
             await log.append(
                 records.start(reply_id=reply.reply_id, reply_to=message_id, model=model)
             )
+            if reply.stop_requested:  # stopped before it began
+                raise asyncio.CancelledError
             history = messages(_decode_all(await log.read()))
             stream = self.provider.stream(prompt(log.summary.system, history), model=model)
             index = 0
@@ -173,9 +196,7 @@ class Replies:
                     await stream.aclose()  # type: ignore[attr-defined]
         except asyncio.CancelledError:
             finish = reply.finish_on_cancel
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
+            _uncancel()
         except ProviderError as exc:
             finish, error = "error", str(exc)
             logger.warning("reply %s in %s failed: %s", reply.reply_id, conversation_id, exc)
@@ -187,15 +208,29 @@ class Replies:
             logger.exception("reply %s in %s crashed: %s", reply.reply_id, conversation_id, exc)
         # Always appended: a start queued before a cancellation still commits, first.
         try:
-            await log.append(
+            done = log.append_nowait(
                 records.end(reply_id=reply.reply_id, finish=finish, usage=usage, error=error)
             )
+            done.add_done_callback(_retrieve)
+            while not done.done():
+                try:
+                    await asyncio.shield(done)
+                except asyncio.CancelledError:
+                    _uncancel()  # a second stop while the end commits: it ends anyway
+            done.result()
         except LogError as exc:
             logger.error(
                 "reply %s in %s: could not append its end: %s", reply.reply_id, conversation_id, exc
             )
         finally:
             self._running.pop(conversation_id, None)
+
+
+def _uncancel() -> None:
+    # The cancellation was ours (stop or shutdown) and is handled: the task ends normally.
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
 
 
 def title_from(text: str, limit: int = 60) -> str:

@@ -51,6 +51,9 @@ TAIL_BYTES = 512 * 1024
 """Committed bytes kept in memory for readers at the live edge (amortized, up to 2x)."""
 
 
+_CLEANUP_IO = FileIO()
+
+
 class LogError(Exception):
     """Base of the errors :class:`ConversationLog` raises for appends."""
 
@@ -122,6 +125,7 @@ class ConversationLog:
         self._file_io = file_io
         self._read_only_reason = read_only_reason
         self._failure: LogFailedError | None = None
+        self._closing = False
         self._closed = False
         self._queue: list[tuple[records.Record, bytes, asyncio.Future[int]]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -212,6 +216,13 @@ class ConversationLog:
                     error = CorruptLogError(path, found.corrupt_at, found.reason)
                     logger.error("%s; opened read-only, nothing cut", error)
                     reason = str(error)
+                elif found.end == 0 and fd is not None:
+                    # Not one record: the create never completed, so the conversation
+                    # never existed. Keep the bytes aside and report it missing.
+                    cut_torn_tail(path, found, file_io=file_io)
+                    path.unlink()
+                    file_io.fsync_dir(path.parent)
+                    raise FileNotFoundError(path)
                 elif found.torn and fd is not None:
                     cut_torn_tail(path, found, file_io=file_io)
             except BaseException:
@@ -234,10 +245,13 @@ class ConversationLog:
             file_io=file_io,
             read_only_reason=reason,
         )
-        if fd is not None:
-            for reply_id in list(found.summary.open_replies):
+        for reply_id in list(found.summary.open_replies) if fd is not None else []:
+            try:
                 await log.append(records.end(reply_id=reply_id, finish="interrupted"))
-                logger.warning("%s: closed interrupted reply %s", path, reply_id)
+            except LogError as exc:  # the log stays readable, failed, like any other
+                logger.error("%s: could not close interrupted reply %s: %s", path, reply_id, exc)
+                break
+            logger.warning("%s: closed interrupted reply %s", path, reply_id)
         return log
 
     # -- state --------------------------------------------------------------------------
@@ -264,15 +278,15 @@ class ConversationLog:
     @property
     def live(self) -> bool:
         """Whether the committed offset can still move in this process (open, writable,
-        not failed). Followers end once it is false and they have read everything."""
-        return not self._closed and self._failure is None and self._fd is not None
+        not failed)."""
+        return not self._closing and self._failure is None and self._fd is not None
 
     def check_writable(self) -> None:
         """Raise the error an :meth:`append` would raise now, if any.
 
         :raises LogClosedError, LogReadOnlyError, LogFailedError:
         """
-        if self._closed:
+        if self._closing:
             raise LogClosedError("log is closed")
         if self._read_only_reason is not None:
             raise LogReadOnlyError(self._read_only_reason)
@@ -327,6 +341,7 @@ class ConversationLog:
                     await asyncio.to_thread(self._write_sync, data)
                 except OSError as exc:
                     self._fail(exc, batch)
+                    await asyncio.to_thread(self._discard_uncommitted)
                     return
                 offset = self._committed
                 for record, line, done in batch:
@@ -359,6 +374,43 @@ class ConversationLog:
                 done.set_exception(self._failure)
         self._queue = []
         self._signal_commit()
+
+    def _discard_uncommitted(self) -> None:
+        """After a failed write or sync, take the bytes past the committed offset (a torn
+        write, or records whose sync failed: never shown) out of the log, so a restart
+        does not resurrect them. Best effort: they are copied to ``<log>.failed-<ts>``
+        when the disk allows, then the log is truncated to its committed offset. This
+        cleanup bypasses the injected ``file_io``: it is not the log's write path, and it
+        never makes the failed bytes count as committed."""
+        assert self._fd is not None
+        try:
+            size = os.fstat(self._fd).st_size
+            if size <= self._committed:
+                return
+            extra = os.pread(self._read_fd, size - self._committed, self._committed)
+            aside = self.path.with_name(f"{self.path.name}.failed-{records.now_ms()}")
+            try:
+                fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    _CLEANUP_IO.write_all(fd, extra)
+                    _CLEANUP_IO.fdatasync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                logger.warning(
+                    "%s: could not keep %d uncommitted bytes: %s", aside, len(extra), exc
+                )
+                aside.unlink(missing_ok=True)
+            os.ftruncate(self._fd, self._committed)
+            _CLEANUP_IO.fdatasync(self._fd)
+            logger.warning(
+                "%s: cut %d uncommitted bytes back to offset %d",
+                self.path,
+                len(extra),
+                self._committed,
+            )
+        except OSError as exc:
+            logger.error("%s: could not cut uncommitted bytes (recovery will): %s", self.path, exc)
 
     def _remember(self, data: bytes) -> None:
         self._tail += data
@@ -431,7 +483,8 @@ class ConversationLog:
         commit as it happens (live tail), without polling.
 
         Each block is whole records beginning at ``offset``. Ends after the last committed
-        record once the log is closed or has failed. ``start`` must have passed
+        record once the log is closed; a failed or read-only log is followed until then
+        (its committed offset just never moves). ``start`` must have passed
         :meth:`check_offset`.
         """
         position = start
@@ -441,22 +494,25 @@ class ConversationLog:
                 yield position, block
                 position += len(block)
                 continue
-            if not self.live:
+            if self._closed:
                 return
             await asyncio.shield(self._commit_signal)
 
     async def wait_committed(self, offset: int) -> None:
-        """Wait until the committed offset passes ``offset``, or the log closes or fails."""
-        while self._committed <= offset and self.live:
+        """Wait until the committed offset passes ``offset``, or the log closes."""
+        while self._committed <= offset and not self._closed:
             await asyncio.shield(self._commit_signal)
 
     # -- closing ------------------------------------------------------------------------
 
     async def close(self) -> None:
         """Commit what is queued, stop appends, end followers, release the lock."""
-        if self._closed:
+        if self._closing:
+            while not self._closed:
+                await asyncio.shield(self._commit_signal)
             return
-        if self._flusher is not None:
+        self._closing = True  # appends are refused from here on
+        while self._flusher is not None:
             await asyncio.shield(self._flusher)
         self._closed = True
         self._signal_commit()

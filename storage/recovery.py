@@ -5,12 +5,14 @@ Reader rules, applied to the bytes of a log file from offset 0:
 1. The file is split into lines at ``\\n``. Each complete line must decode as a record
    (:func:`storage.records.decode`).
 2. Bytes after the last ``\\n`` are a *torn tail*: a write that never completed.
-3. The first complete line that does not decode starts a torn tail when nothing valid
-   follows it, or when it contains a NUL byte (a hole: the file grew but the data blocks
-   of an unsynced write never reached the disk; valid lines after a hole belong to the
-   same unsynced write). A torn tail was never committed, so never shown.
-4. An invalid line *without* NULs followed by a valid record is *corruption*: committed
-   bytes changed under us. The log is never cut; it is opened read-only and reported.
+3. The first complete line that does not decode starts a torn tail when no valid record
+   follows it: garbage, or a NUL-filled hole (the file grew but the data blocks of an
+   unsynced write never reached the disk), including a hole that runs into the bytes of
+   a later record on the same line. A torn tail was never committed, so never shown.
+4. An invalid line followed by a valid record is *corruption*, whatever its bytes:
+   committed bytes changed under us, and cutting there would drop records that readers
+   were shown and hand their offsets to new records. The log is never cut; it is opened
+   read-only and reported.
 
 Cutting a torn tail keeps it: the cut bytes are written and synced to
 ``<log>.torn-<ts>`` beside the log (the directory synced too) before the log is
@@ -80,7 +82,6 @@ def scan(stream: BinaryIO) -> Scan:
     pending = b""  # bytes of the current, not yet terminated line
     position = 0  # file offset of pending[0]
     first_bad: int | None = None  # offset of the first invalid complete line
-    first_bad_has_nul = False
     while True:
         block = stream.read(BLOCK)
         if not block:
@@ -98,12 +99,11 @@ def scan(stream: BinaryIO) -> Scan:
             except RecordError as exc:
                 if first_bad is None:
                     first_bad, result.reason = offset, str(exc)
-                    first_bad_has_nul = b"\0" in line
             else:
                 if first_bad is None:
                     result.summary.observe(record)
                     result.end = position + newline + 1
-                elif not first_bad_has_nul:
+                else:
                     result.corrupt_at = first_bad
             start = newline + 1
         pending = data[start:]

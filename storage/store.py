@@ -8,6 +8,7 @@ once and kept open; the store is the only place that creates or opens them.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import secrets
@@ -17,7 +18,7 @@ from typing import Final
 
 from . import records
 from .durability import Durability, FileIO
-from .log import ConversationLog, LogClosedError
+from .log import ConversationLog, LogClosedError, LogError
 
 __all__ = [
     "CONVERSATION_ID",
@@ -32,6 +33,8 @@ CONVERSATION_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 """Valid conversation ids (matched in full)."""
 
 SUFFIX: Final = ".jsonl"
+
+logger = logging.getLogger(__name__)
 
 
 class InvalidIdError(ValueError):
@@ -91,12 +94,16 @@ class Store:
         return self.directory / f"{check_id(conversation_id)}{SUFFIX}"
 
     def ids(self) -> list[str]:
-        """Ids of every log in the data dir (torn-tail files and strays ignored)."""
+        """Ids of every log file in the data dir (torn-tail files and strays ignored)."""
         out = []
         with os.scandir(self.directory) as entries:
             for entry in entries:
                 stem = entry.name[: -len(SUFFIX)]
-                if entry.name.endswith(SUFFIX) and CONVERSATION_ID.fullmatch(stem):
+                if (
+                    entry.name.endswith(SUFFIX)
+                    and CONVERSATION_ID.fullmatch(stem)
+                    and entry.is_file(follow_symlinks=False)
+                ):
                     out.append(stem)
         return out
 
@@ -137,21 +144,30 @@ class Store:
             return log
         task = self._opening.get(conversation_id)
         if task is None:
-            task = asyncio.ensure_future(
-                ConversationLog.open(path, durability=self.durability, file_io=self.file_io)
-            )
+            # One open per log, shared by concurrent callers and shielded from their
+            # cancellation: the open holds a file and a lock that only the store releases.
+            task = asyncio.ensure_future(self._open(conversation_id, path))
             self._opening[conversation_id] = task
-            try:
-                log = await task
-            finally:
-                del self._opening[conversation_id]
-            self._logs[conversation_id] = log
-            return log
+            task.add_done_callback(lambda _: self._opening.pop(conversation_id, None))
         return await asyncio.shield(task)
 
+    async def _open(self, conversation_id: str, path: Path) -> ConversationLog:
+        log = await ConversationLog.open(path, durability=self.durability, file_io=self.file_io)
+        self._logs[conversation_id] = log
+        return log
+
     async def open_all(self) -> list[ConversationLog]:
-        """Open (and so recover) every log in the data dir."""
-        return [await self.open(conversation_id) for conversation_id in sorted(self.ids())]
+        """Open (and so recover) every log in the data dir. A log that cannot be opened
+        is logged and skipped: it never keeps the others from being served."""
+        logs = []
+        for conversation_id in sorted(self.ids()):
+            try:
+                logs.append(await self.open(conversation_id))
+            except (OSError, LogError) as exc:
+                if isinstance(exc, LogClosedError):
+                    raise
+                logger.error("conversation %s cannot be opened: %s", conversation_id, exc)
+        return logs
 
     async def list(self) -> list[ConversationInfo]:
         """Every conversation, newest ``updated`` first."""
@@ -178,6 +194,7 @@ class Store:
         """Close every open log (queued appends are committed first); later opens raise
         :class:`LogClosedError`."""
         self._closed = True
+        await asyncio.gather(*self._opening.values(), return_exceptions=True)
         logs, self._logs = self._logs, {}
         for log in logs.values():
             await log.close()

@@ -90,3 +90,28 @@ async def read_events(
             if (until is not None and until(event)) or (limit is not None and seen >= limit):
                 return reader
     return reader
+
+
+async def read_through(response, reader: StreamReader, offset: int, limit_s: float = 20.0) -> None:
+    """Read until an event with id ``offset`` has arrived (or the stream ends)."""
+    import asyncio
+
+    while not reader.events or int(reader.events[-1].id or -1) < offset:
+        data = await asyncio.wait_for(response.content.readany(), limit_s)
+        if not data:
+            return
+        reader.feed(data)
+
+
+async def read_quiet(response, reader: StreamReader, quiet_s: float = 0.3) -> None:
+    """Read whatever arrives until nothing has for ``quiet_s`` seconds."""
+    import asyncio
+
+    while True:
+        try:
+            data = await asyncio.wait_for(response.content.readany(), quiet_s)
+        except TimeoutError:
+            return
+        if not data:
+            return
+        reader.feed(data)

@@ -78,10 +78,12 @@ async def test_closing_an_interrupted_reply_twice_adds_one_record(tmp_path):
     assert torn_files(path) == []
 
 
-async def test_corruption_opens_read_only_and_is_never_cut(tmp_path, caplog):
+@pytest.mark.parametrize("bad", [b"}}}garbage{{{\n", b"\0" * 30 + b"\n"], ids=["garbage", "hole"])
+async def test_corruption_opens_read_only_and_is_never_cut(tmp_path, caplog, bad):
     path = tmp_path / "c.jsonl"
     good = base_log()
-    corrupt = good[:40] + b"}}}garbage{{{\n" + lines(records.user(message_id="u2", text="after"))
+    # an invalid line (even a NUL hole) with a valid record after it: committed bytes changed
+    corrupt = good + bad + lines(records.user(message_id="u2", text="after"))
     path.write_bytes(corrupt)
     log = await ConversationLog.open(path)
     assert log.read_only_reason and "corrupt" in log.read_only_reason

@@ -12,7 +12,7 @@ from server import sse
 from storage import records
 
 from .conftest import FaultyIO, create_conversation, wait_idle
-from .sse_reader import StreamReader, read_events
+from .sse_reader import StreamReader, read_events, read_quiet, read_through
 
 
 def expected_stream(log: bytes, start: int, retry_ms: int) -> bytes:
@@ -163,19 +163,15 @@ async def test_write_before_show_append_failure_at_kth_chunk(make_client):
     )
     started = await client.post(f"/api/conversations/{victim}/messages", json={"text": "hi"})
     assert started.status == 202
-    # The stream ends once the log has failed (nothing more can ever be committed).
-    while True:
-        data = await asyncio.wait_for(stream.content.readany(), 10)
-        if not data:
-            break
-        reader.feed(data)
+    body = await wait_idle(client, victim)  # the reply task ended
+    await read_through(stream, reader, body["offset"])
+    await read_quiet(stream, reader)  # nothing more arrives: nothing more was committed
     chunks = [records.decode(e.data.encode()) for e in reader.events if e.event == "chunk"]
     shown = [c["i"] for c in chunks]
     # chunk k never reaches a client, nor anything after it (chunks queued in the same
     # batch as chunk k fail with it, so fewer than k may have been shown)
     assert shown == list(range(len(shown))) and len(shown) <= k
     assert not any(e.event == "end" for e in reader.events)
-    body = await wait_idle(client, victim)
     assert body["writable"] is False
     # appends to the failed conversation get a clear error, committed records stay readable
     response = await client.post(f"/api/conversations/{victim}/messages", json={"text": "again"})

@@ -96,6 +96,7 @@ class LocalProvider:
         self._ready = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
+        self._stop_requested = asyncio.Event()
 
     @property
     def pid(self) -> int | None:
@@ -108,22 +109,32 @@ class LocalProvider:
         :raises ProviderError: it did not become ready within ``ready_timeout``.
         """
         self._supervisor = asyncio.create_task(self._supervise(), name="local-model supervisor")
-        try:
-            await asyncio.wait_for(self._ready.wait(), self.ready_timeout)
-        except TimeoutError:
+        ready = asyncio.ensure_future(self._ready.wait())
+        await asyncio.wait({ready, self._supervisor}, timeout=self.ready_timeout,
+                           return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        if not ready.done():
+            ready.cancel()
+            crashed = self._supervisor.done() and self._supervisor.exception()
             await self.close()
+            if crashed:
+                raise ProviderError(f"the local model server could not start: {crashed}")
             raise ProviderError(
                 f"the local model server did not start within {self.ready_timeout:.0f} s"
-            ) from None
+            )
 
     async def close(self) -> None:
         """Stop the supervisor and the child."""
         self._stopping = True
+        self._stop_requested.set()
+        await self._stop_child()  # the supervisor sees it exit, and _stopping, and returns
         if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
+                await asyncio.wait_for(asyncio.shield(self._supervisor), 10)
+            except TimeoutError:
+                self._supervisor.cancel()
+            with contextlib.suppress(BaseException):
                 await self._supervisor
-        await self._stop_child()
+        await self._stop_child()  # one spawned while we waited
         if self._upstream is not None:
             await self._upstream.close()
 
@@ -148,6 +159,9 @@ class LocalProvider:
             port = _free_port()
             await self._spawn(port)
             assert self._process is not None
+            if self._stopping:
+                await self._stop_child()
+                return
             if await self._wait_ready(port):
                 backoff = 1.0
                 if self._upstream is not None:
@@ -172,7 +186,8 @@ class LocalProvider:
             logger.error(
                 "local model server exited with status %s; restarting in %.0f s", code, backoff
             )
-            await asyncio.sleep(backoff)
+            with contextlib.suppress(TimeoutError):  # close() ends the wait at once
+                await asyncio.wait_for(self._stop_requested.wait(), backoff)
             backoff = min(backoff * 2, 30.0)
 
     async def _spawn(self, port: int) -> None:
@@ -213,7 +228,9 @@ class LocalProvider:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.ready_timeout
         async with aiohttp.ClientSession() as session:
-            while loop.time() < deadline and self._process.returncode is None:
+            while (
+                loop.time() < deadline and self._process.returncode is None and not self._stopping
+            ):
                 with contextlib.suppress(aiohttp.ClientError, OSError):
                     async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
                         if resp.status == 200:
