@@ -219,7 +219,8 @@ class ConversationLog:
                 elif found.end == 0 and fd is not None:
                     # Not one record: the create never completed, so the conversation
                     # never existed. Keep the bytes aside and report it missing.
-                    cut_torn_tail(path, found, file_io=file_io)
+                    if found.size:
+                        cut_torn_tail(path, found, file_io=file_io)
                     path.unlink()
                     file_io.fsync_dir(path.parent)
                     raise FileNotFoundError(path)

@@ -114,3 +114,43 @@ async def test_clean_log_is_untouched(tmp_path):
     await log.close()
     assert path.read_bytes() == data
     assert torn_files(path) == []
+
+
+async def test_open_after_truncation_at_every_byte(tmp_path):
+    """Cut the log at every byte offset: open recovers the longest valid prefix, keeps
+    the cut bytes aside, closes the open reply once, and a second open changes nothing."""
+    data = base_log() + lines(
+        records.end(reply_id="r1", finish="stop"),
+        records.user(message_id="u2", text="more"),
+        records.start(reply_id="r2", reply_to="u2", model="m"),
+        records.chunk(reply_id="r2", i=0, text="x"),
+    )
+    boundaries = [0] + [i + 1 for i, b in enumerate(data) if b == ord("\n")]
+    for cut in range(len(data) + 1):
+        directory = tmp_path / str(cut)
+        directory.mkdir()
+        path = directory / "c.jsonl"
+        path.write_bytes(data[:cut])
+        valid = max(b for b in boundaries if b <= cut)
+        kept = data[valid:cut]
+        if valid == 0:  # not one whole record: the create never completed
+            with pytest.raises(FileNotFoundError):
+                await ConversationLog.open(path)
+            assert not path.exists()
+            assert [p.read_bytes() for p in torn_files(path)] == ([kept] if kept else [])
+            continue
+        log = await ConversationLog.open(path)
+        await log.close()
+        recovered = path.read_bytes()
+        assert recovered.startswith(data[:valid]), cut
+        prefix = [records.decode(line) for line in data[:valid].splitlines()]
+        added = decoded(path)[len(prefix) :]
+        starts = {r["id"] for r in prefix if r["type"] == "start"}
+        ended = {r["id"] for r in prefix if r["type"] == "end"}
+        assert [(r["type"], r["id"], r["finish"]) for r in added] == [
+            ("end", reply, "interrupted") for reply in sorted(starts - ended)
+        ], cut
+        assert [p.read_bytes() for p in torn_files(path)] == ([kept] if kept else [])
+        log = await ConversationLog.open(path)  # recovery is idempotent
+        await log.close()
+        assert path.read_bytes() == recovered
