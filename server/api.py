@@ -179,6 +179,7 @@ async def health(request: web.Request) -> web.Response:
 @routes.get("/api/conversations")
 async def list_conversations(request: web.Request) -> web.Response:
     rows = await request.app[STORE].list()
+    replies = request.app[REPLIES]
     return _json(
         [
             {
@@ -187,6 +188,7 @@ async def list_conversations(request: web.Request) -> web.Response:
                 "created": r.created,
                 "updated": r.updated,
                 "size": r.size,
+                "running": replies.running(r.id),
             }
             for r in rows
         ]
