@@ -243,7 +243,7 @@ async def post_message(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, "invalid_field", f"'text' is longer than {limit} characters")
     conversation_id = request.match_info["conversation_id"]
     replies = request.app[REPLIES]
-    await request.app[MESSAGE_RATE].hit(request.remote or "unknown")
+    await request.app[MESSAGE_RATE].hit(request.remote, request.headers.get("X-Forwarded-For"))
     if "text/event-stream" in request.headers.get("Accept", ""):
         with request.app[STREAM_SLOTS].hold():  # taken before the message is appended
             started = await _send(replies, conversation_id, log, text)

@@ -80,7 +80,9 @@ def init_app(
     app[PROVIDER] = chosen
     app[REPLIES] = Replies(chosen)
     app[STREAM_SLOTS] = StreamSlots(settings.max_streams)
-    app[MESSAGE_RATE] = MessageRate(settings.messages_per_minute)
+    app[MESSAGE_RATE] = MessageRate(
+        settings.messages_per_minute, trusted_proxies=settings.trusted_proxies
+    )
     app.add_routes(routes)
     app.router.add_get("/", _index)
     app.router.add_static("/static/", STATIC_DIR, append_version=False)

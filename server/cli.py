@@ -122,6 +122,13 @@ def parser() -> argparse.ArgumentParser:
         default=defaults.messages_per_minute,
         help="messages one client may send a minute; more get 429 (20; 0 = no limit)",
     )
+    serve.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="a reverse proxy's address (repeatable); X-Forwarded-For from it names the client",
+    )
     verify = commands.add_parser(
         "verify", help="check every conversation log, read-only; exit 1 if any is wrong"
     )
@@ -182,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         max_body_bytes=args.max_body_bytes,
         max_streams=args.max_streams,
         messages_per_minute=args.messages_per_minute,
+        trusted_proxies=tuple(args.trusted_proxy),
     )
     try:
         provider = build_provider(settings)

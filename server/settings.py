@@ -29,6 +29,8 @@ class Settings:
     :ivar max_message_chars: longest message or system text (characters).
     :ivar max_streams: event streams open at once, server-wide (0: no limit).
     :ivar messages_per_minute: messages one client may send a minute (0: no limit).
+    :ivar trusted_proxies: addresses of reverse proxies whose ``X-Forwarded-For`` names
+        the client (empty: the client is the TCP peer).
     """
 
     data_dir: Path = Path("chatledger-data")
@@ -46,3 +48,4 @@ class Settings:
     max_message_chars: int = 32_000
     max_streams: int = 2000
     messages_per_minute: int = 20
+    trusted_proxies: tuple[str, ...] = ()

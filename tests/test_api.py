@@ -248,3 +248,23 @@ async def test_concurrent_streams_limit(make_client):
             break
         await asyncio.sleep(0.05)
     assert fourth.status == 200
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+async def test_rate_limit_per_forwarded_client_only_behind_a_trusted_proxy(make_client, trusted):
+    proxies = ("127.0.0.1",) if trusted else ()
+    client = await make_client(messages_per_minute=2, demo_reply_tokens=1, trusted_proxies=proxies)
+    conversation_id = await create_conversation(client)
+    url = f"/api/conversations/{conversation_id}/messages"
+
+    async def post(forwarded_for: str) -> int:
+        response = await client.post(
+            url, json={"text": "hi"}, headers={"X-Forwarded-For": forwarded_for}
+        )
+        await wait_idle(client, conversation_id)
+        return response.status
+
+    assert [await post("192.0.2.10"), await post("192.0.2.10")] == [202, 202]
+    # another person behind the proxy: limited alone only if the proxy is trusted
+    assert await post("192.0.2.20") == (202 if trusted else 429)
+    assert await post("192.0.2.10") == 429
