@@ -349,7 +349,8 @@ async def _stream(
             if log.closed:
                 break  # shutdown: every committed record was sent
             try:
-                await asyncio.wait_for(log.wait_committed(position), settings.keepalive)
+                async with asyncio.timeout(settings.keepalive):  # no task per wait
+                    await log.wait_committed(position)
             except TimeoutError:
                 await response.write(sse.KEEPALIVE)
     except ConnectionError:

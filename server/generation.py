@@ -181,7 +181,6 @@ class Replies:
                         last = log.append_nowait(
                             records.chunk(reply_id=reply.reply_id, i=index, text=delta.text)
                         )
-                        last.add_done_callback(_retrieve)
                         index += 1
                         if log.backlog >= MAX_BACKLOG:
                             await last
@@ -211,7 +210,6 @@ class Replies:
             done = log.append_nowait(
                 records.end(reply_id=reply.reply_id, finish=finish, usage=usage, error=error)
             )
-            done.add_done_callback(_retrieve)
             while not done.done():
                 try:
                     await asyncio.shield(done)
@@ -241,13 +239,6 @@ def title_from(text: str, limit: int = 60) -> str:
         return line
     cut = line[: limit - 1].rsplit(" ", 1)[0] or line[: limit - 1]
     return cut + "…"
-
-
-def _retrieve(future: asyncio.Future[int]) -> None:
-    # Only the last queued chunk is awaited; a failure of an earlier one is the same
-    # failure (the log fails as a whole), so mark it seen.
-    if not future.cancelled():
-        future.exception()
 
 
 def _decode_all(data: bytes) -> list[records.Record]:
