@@ -50,6 +50,8 @@ READ_BLOCK = 256 * 1024
 """Bytes read from the file per call when a reader is behind the in-memory tail."""
 COALESCE_TICKS = 32
 """Loop ticks a commit may wait for more records while they keep arriving."""
+COALESCE_WHEN_WITHIN = 0.002
+"""Seconds since the log's previous commit under which a commit waits for more records."""
 TAIL_BYTES = 512 * 1024
 """Committed bytes kept in memory for readers at the live edge (amortized, up to 2x)."""
 
@@ -135,6 +137,7 @@ class ConversationLog:
         self._commit_signal: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._tail = bytearray()
         self._tail_start = committed
+        self._last_commit = 0.0
 
     # -- opening ----------------------------------------------------------------------
 
@@ -364,10 +367,17 @@ class ConversationLog:
             self._flusher = None
 
     async def _gather_batch(self) -> None:
-        # Before a commit, let the loop run while more records keep arriving (a few ticks
-        # at most; one when they do not), so a fast stream commits, and wakes its readers,
-        # in batches rather than one record at a time. Under `flush` a write() takes
-        # microseconds, so without this records would rarely queue up at all.
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        busy = now - self._last_commit < COALESCE_WHEN_WITHIN
+        self._last_commit = now
+        if not busy:  # a slow stream (an LLM at 20-100 tokens/s): commit at once
+            return
+        # When records come fast (the previous commit was under 2 ms ago), let the loop run
+        # while more keep arriving (a few ticks at most) before committing, so a fast
+        # stream commits, and wakes its readers, in batches rather than one record at a
+        # time: under `flush` a write() takes microseconds, so records would rarely queue
+        # up on their own. A slow stream commits at once, without an extra loop tick.
         for _ in range(COALESCE_TICKS):
             queued = len(self._queue)
             await asyncio.sleep(0)
