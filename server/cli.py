@@ -16,6 +16,7 @@ import resource
 import sys
 from pathlib import Path
 
+import uvloop
 from aiohttp import web
 
 from storage import Durability
@@ -210,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         print=lambda _: print(line, flush=True),
         shutdown_timeout=10.0,
+        backlog=1024,  # many browsers (re)connecting at once
+        loop=uvloop.new_event_loop(),  # libuv's loop: about a third less CPU per event
     )
     return 0
 
