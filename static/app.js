@@ -67,8 +67,10 @@ async function refreshList() {
 
 function open(id) {
   if (current && current.source) current.source.close();
+  if (current) clearInterval(current.watchdog);
   showError("");
-  current = { id, view: emptyView(), source: null, nodes: new Map() };
+  current = { id, view: emptyView(), source: null, nodes: new Map(), lastEventAt: Date.now() };
+  current.watchdog = setInterval(() => checkStalled(current), 5000);
   ui.messages.replaceChildren();
   ui.title.textContent = "…";
   connect(current, 0);
@@ -103,11 +105,32 @@ function connect(conversation, from) {
   for (const type of RECORD_TYPES) {
     source.addEventListener(type, (event) => {
       if (conversation !== current) return;
+      conversation.lastEventAt = Date.now();
       const record = JSON.parse(event.data);
       const changed = applyRecord(conversation.view, record, Number(event.lastEventId));
       render(conversation, changed);
       if (record.type === "title") refreshList();
     });
+  }
+}
+
+// A reply that stays open with no event for a while: ask the server whether it still
+// runs. If the log could not be written (a disk fault), say so instead of "generating".
+async function checkStalled(conversation) {
+  if (conversation !== current || !runningReply(conversation.view)) return;
+  if (Date.now() - conversation.lastEventAt < 10000) return;
+  try {
+    const body = await api("GET", `/api/conversations/${encodeURIComponent(conversation.id)}`);
+    if (body.running === null && body.writable === false) {
+      conversation.failed = true;
+      render(conversation, runningReply(conversation.view));
+      showError(
+        "This conversation can no longer be saved (the server could not write to its disk). " +
+          "Everything shown here was saved; the reply stopped at that point.",
+      );
+    }
+  } catch (error) {
+    // the connection state already tells the person the server is unreachable
   }
 }
 
@@ -121,9 +144,9 @@ function render(conversation, changed) {
     renderMessage(conversation, changed);
     if (nearBottom) ui.messages.scrollTop = ui.messages.scrollHeight;
   }
-  const running = runningReply(view);
-  ui.text.disabled = false;
-  ui.send.disabled = Boolean(running);
+  const running = conversation.failed ? null : runningReply(view);
+  ui.text.disabled = Boolean(conversation.failed);
+  ui.send.disabled = Boolean(running) || Boolean(conversation.failed);
   ui.stop.hidden = !running;
   if (changed && changed.role === "assistant" && changed.finish) refreshList();
 }
@@ -144,7 +167,10 @@ function renderMessage(conversation, message) {
   node.className = `message ${message.role}`;
   if (message.role === "assistant") {
     node.dataset.finish = message.finish ?? "";
-    if (message.finish === null) {
+    if (message.finish === null && conversation.failed) {
+      node.classList.add("finish-error");
+      meta.textContent = "stopped: the server could not save more of this reply";
+    } else if (message.finish === null) {
       node.classList.add("generating");
       meta.textContent = "";
     } else {
