@@ -367,17 +367,16 @@ class ConversationLog:
             self._flusher = None
 
     async def _gather_batch(self) -> None:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        busy = now - self._last_commit < COALESCE_WHEN_WITHIN
-        self._last_commit = now
-        if not busy:  # a slow stream (an LLM at 20-100 tokens/s): commit at once
-            return
         # When records come fast (the previous commit was under 2 ms ago), let the loop run
         # while more keep arriving (a few ticks at most) before committing, so a fast
         # stream commits, and wakes its readers, in batches rather than one record at a
         # time: under `flush` a write() takes microseconds, so records would rarely queue
-        # up on their own. A slow stream commits at once, without an extra loop tick.
+        # up on their own. A slow stream (an LLM at 20-100 tokens/s) commits at once.
+        now = asyncio.get_running_loop().time()
+        busy = now - self._last_commit < COALESCE_WHEN_WITHIN
+        self._last_commit = now
+        if not busy:
+            return
         for _ in range(COALESCE_TICKS):
             queued = len(self._queue)
             await asyncio.sleep(0)
