@@ -176,12 +176,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--ramp", type=float, default=1.0, help="seconds to start all replies")
     parser.add_argument("--profile", action="store_true", help="py-spy the last largest round")
+    parser.add_argument("--durability", default="fsync", choices=["fsync", "flush"])
     args = parser.parse_args()
     c.raise_nofile()
     work = Path(tempfile.mkdtemp(prefix="chatledger-p2-"))
     port, process = c.start_chatledger(
         work / "data",
-        "--durability", "fsync", "--demo-tokens-per-s", str(RATE),
+        "--durability", args.durability, "--demo-tokens-per-s", str(RATE),
         "--demo-reply-tokens", str(args.tokens), "--max-streams", "0",
         "--messages-per-minute", "0",
     )  # fmt: skip
