@@ -13,8 +13,8 @@ provider finished         ``stop`` or ``length`` (its ``finish_reason``)
 ``POST .../stop``         ``cancelled``
 server shutdown           ``interrupted``
 provider failed           ``error`` with the provider's sentence in ``error``
-an append failed          the provider stream is closed at once; ``end`` with ``error``
-                          is appended only if the log can still be written
+an append failed          the provider stream is closed at its next delta; ``end`` with
+                          ``error`` is appended only if the log can still be written
 ========================  ===========================================================
 """
 
