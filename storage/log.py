@@ -31,7 +31,7 @@ from pathlib import Path
 from . import records
 from .durability import Durability, FileIO
 from .fold import Summary
-from .recovery import CorruptLogError, Scan, cut_torn_tail, scan
+from .recovery import CorruptLogError, Scan, cut_torn_tail, keep_aside, scan
 
 __all__ = [
     "ConversationLog",
@@ -417,19 +417,12 @@ class ConversationLog:
             if size <= self._committed:
                 return
             extra = os.pread(self._read_fd, size - self._committed, self._committed)
-            aside = self.path.with_name(f"{self.path.name}.failed-{records.now_ms()}")
             try:
-                fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    _CLEANUP_IO.write_all(fd, extra)
-                    _CLEANUP_IO.fdatasync(fd)
-                finally:
-                    os.close(fd)
+                keep_aside(self.path, "failed", extra, file_io=_CLEANUP_IO)
             except OSError as exc:
                 logger.warning(
-                    "%s: could not keep %d uncommitted bytes: %s", aside, len(extra), exc
+                    "%s: could not keep %d uncommitted bytes: %s", self.path, len(extra), exc
                 )
-                aside.unlink(missing_ok=True)
             os.ftruncate(self._fd, self._committed)
             _CLEANUP_IO.fdatasync(self._fd)
             logger.warning(

@@ -31,7 +31,7 @@ from .durability import FileIO
 from .fold import Summary
 from .records import RecordError, decode, now_ms
 
-__all__ = ["CorruptLogError", "Scan", "cut_torn_tail", "scan"]
+__all__ = ["CorruptLogError", "Scan", "cut_torn_tail", "keep_aside", "scan"]
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,26 @@ def scan(stream: BinaryIO) -> Scan:
     return result
 
 
+def keep_aside(path: Path, kind: str, data: bytes, *, file_io: FileIO) -> Path:
+    """Durably write ``data`` to a new file ``<path>.<kind>-<ts>`` beside the log
+    (``O_EXCL``, written and synced, then the directory synced).
+
+    :raises OSError: the file could not be written; it is then removed.
+    """
+    aside = path.with_name(f"{path.name}.{kind}-{now_ms()}")
+    fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        file_io.write_all(fd, data)
+        file_io.fdatasync(fd)
+    except OSError:
+        aside.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+    file_io.fsync_dir(path.parent)
+    return aside
+
+
 def cut_torn_tail(path: Path, scan_result: Scan, *, file_io: FileIO) -> Path:
     """Move the torn tail of ``path`` aside and cut the log back to its valid prefix.
 
@@ -127,14 +147,7 @@ def cut_torn_tail(path: Path, scan_result: Scan, *, file_io: FileIO) -> Path:
     with open(path, "rb") as source:
         source.seek(scan_result.end)
         tail = source.read()
-    aside = path.with_name(f"{path.name}.torn-{now_ms()}")
-    fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        file_io.write_all(fd, tail)
-        file_io.fdatasync(fd)
-    finally:
-        os.close(fd)
-    file_io.fsync_dir(path.parent)
+    aside = keep_aside(path, "torn", tail, file_io=file_io)
     fd = os.open(path, os.O_WRONLY)
     try:
         os.ftruncate(fd, scan_result.end)
