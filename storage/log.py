@@ -138,6 +138,7 @@ class ConversationLog:
         self._tail = bytearray()
         self._tail_start = committed
         self._last_commit = 0.0
+        self._reads: set[asyncio.Future[bytes]] = set()
 
     # -- opening ----------------------------------------------------------------------
 
@@ -498,7 +499,16 @@ class ConversationLog:
         if start >= self._tail_start:
             begin = start - self._tail_start
             return bytes(self._tail[begin : begin + size])
-        return await asyncio.to_thread(os.pread, self._read_fd, size, start)
+        if self._read_fd < 0:
+            raise LogClosedError("log is closed")
+        # Tracked until the thread is done with the fd (not until a cancelled reader
+        # gives up), so close() never closes an fd a pread still uses.
+        pending = asyncio.get_running_loop().run_in_executor(
+            None, os.pread, self._read_fd, size, start
+        )
+        self._reads.add(pending)
+        pending.add_done_callback(self._reads.discard)
+        return await asyncio.shield(pending)
 
     async def follow(self, start: int) -> AsyncIterator[tuple[int, bytes]]:
         """Yield ``(offset, block)`` of committed records from ``start``, then each new
@@ -541,4 +551,7 @@ class ConversationLog:
         if self._fd is not None:
             os.close(self._fd)  # releases the flock
             self._fd = None
+        while self._reads:  # reads may start while we wait: wait for those too
+            await asyncio.wait(set(self._reads))
         os.close(self._read_fd)
+        self._read_fd = -1

@@ -5,6 +5,7 @@ and a stray file in the data dir."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -122,3 +123,32 @@ async def test_a_stray_entry_does_not_stop_startup_or_listing(make_client, data_
     assert [row["id"] for row in listing] == [conversation_id]
     response = await client.get("/api/conversations/empty")
     assert response.status == 404  # a log with no record never existed
+
+
+async def test_close_waits_for_reads_in_flight(tmp_path, monkeypatch):
+    # Readers behind the in-memory tail pread the file on a worker thread; close() must
+    # not close that fd under them (EBADF, or worse a reused fd number: another file).
+    monkeypatch.setattr("storage.log.TAIL_BYTES", 16)
+    monkeypatch.setattr("storage.log.READ_BLOCK", 64)
+    for attempt in range(30):
+        log = await ConversationLog.create(
+            tmp_path / f"c{attempt}.jsonl",
+            records.conversation(conversation_id="c", title="t", model="m", system=None),
+        )
+        for i in range(50):
+            await log.append(records.chunk(reply_id="r", i=i, text="x" * 40))
+        seen = [bytearray() for _ in range(3)]
+
+        async def follow(log: ConversationLog, into: bytearray) -> None:
+            async for _, block in log.follow(0):
+                into.extend(block)
+
+        followers = [asyncio.create_task(follow(log, into)) for into in seen]
+        await asyncio.sleep(0)
+        await log.close()
+        for follower in followers:
+            with contextlib.suppress(LogClosedError):  # refused after close, never misread
+                await follower
+        data = (tmp_path / f"c{attempt}.jsonl").read_bytes()
+        for into in seen:
+            assert bytes(into) == data[: len(into)]
