@@ -65,36 +65,31 @@ def start_chatledger(
 ) -> tuple[int, subprocess.Popen]:
     """Start ``python -m server.cli serve`` on loopback; its output goes to a file."""
     port = port or free_port()
-    launcher = ["-m", "server.cli"]
     data_dir.mkdir(parents=True, exist_ok=True)
-    out = open(data_dir.parent / f"server-{port}.log", "wb")  # noqa: SIM115
-    process = subprocess.Popen(
-        [sys.executable, *launcher, "serve", "--host", HOST, "--port", str(port),
-         "--data-dir", str(data_dir), *args],
-        cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    out.close()
-    try:
-        wait_port(port, process, timeout)
-    except BaseException:
-        stop(process)
-        raise
-    return port, process
+    with open(data_dir.parent / f"server-{port}.log", "wb") as out:
+        argv = ["-m", "server.cli", "serve", "--host", HOST, "--port", str(port),
+                "--data-dir", str(data_dir), *args]  # fmt: skip
+        return port, _launch(argv, port, timeout, out)
 
 
 def start_script(script: str, *args: str, timeout: float = 60.0) -> tuple[int, subprocess.Popen]:
     """Start a helper server mode of a bench script (``--serve-... PORT``)."""
     port = free_port()
+    argv = [script, *args, "--port", str(port)]
+    return port, _launch(argv, port, timeout, subprocess.DEVNULL)
+
+
+def _launch(argv: list[str], port: int, timeout: float, out: Any) -> subprocess.Popen:
+    """Run ``python *argv`` from the project root and wait until it listens on ``port``."""
     process = subprocess.Popen(
-        [sys.executable, script, *args, "--port", str(port)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [sys.executable, *argv], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+    )
     try:
         wait_port(port, process, timeout)
     except BaseException:
         stop(process)
         raise
-    return port, process
+    return process
 
 
 def stop(process: subprocess.Popen) -> None:
