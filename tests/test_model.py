@@ -133,3 +133,27 @@ async def test_local_provider_runs_supervised_child_and_survives_its_crash(make_
     assert provider.restarts == 1
     reader, log = await stream_reply(client, conversation_id, "And a dog?")
     check_reply(reader, log)
+
+
+async def test_the_quick_start_command_chats_with_the_real_model(tmp_path):
+    """``chatledger serve --llm local``, the README's first command, as a user runs it."""
+    import aiohttp
+
+    from .server_process import serve
+
+    with serve(tmp_path / "data", "--llm", "local", "--max-reply-tokens", "24") as server:
+        assert "llm local (SmolLM2-135M-Instruct" in server.startup_line
+        async with aiohttp.ClientSession() as session:
+            base = f"{server.url}/api/conversations"
+            async with session.post(base, json={}) as response:
+                conversation_id = (await response.json())["id"]
+            async with session.post(
+                f"{base}/{conversation_id}/messages",
+                json={"text": "Name a color."},
+                headers={"Accept": "text/event-stream"},
+            ) as response:
+                reader = await asyncio.wait_for(read_events(response), 120)
+            async with session.get(f"{base}/{conversation_id}/log") as response:
+                log = await response.read()
+    check_reply(reader, log)
+    assert (tmp_path / "data" / "local-model.log").stat().st_size > 0  # the child's output
