@@ -46,24 +46,20 @@ class StreamSlots:
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
-        """Hold a slot for the duration of a ``with`` block. :raises TooManyError:"""
-        self.acquire()
-        try:
-            yield
-        finally:
-            self.release()
+        """Hold a slot for the duration of a ``with`` block.
 
-    def acquire(self) -> None:
-        """Take a slot. :raises TooManyError: all are taken."""
+        :raises TooManyError: all slots are taken.
+        """
         if self.limit and self.open >= self.limit:
             raise TooManyError(
                 f"the server has {self.limit} event streams open; try again later",
                 self.retry_after,
             )
         self.open += 1
-
-    def release(self) -> None:
-        self.open -= 1
+        try:
+            yield
+        finally:
+            self.open -= 1
 
 
 def client_of(peer: str | None, forwarded_for: str | None, trusted_proxies: Iterable[str]) -> str:

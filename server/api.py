@@ -218,7 +218,7 @@ async def get_conversation(request: web.Request) -> web.Response:
     log = await _log(request)
     offset = log.committed
     data = await log.read(0, offset)
-    folded = messages(records.decode(line) for line in data.splitlines())
+    folded = messages(records.decode_all(data))
     conversation_id = request.match_info["conversation_id"]
     return _json(
         {

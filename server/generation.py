@@ -168,7 +168,7 @@ class Replies:
             )
             if reply.stop_requested:  # stopped before it began
                 raise asyncio.CancelledError
-            history = messages(_decode_all(await log.read()))
+            history = messages(records.decode_all(await log.read()))
             stream = self.provider.stream(prompt(log.summary.system, history), model=model)
             index = 0
             last: asyncio.Future[int] | None = None
@@ -239,7 +239,3 @@ def title_from(text: str, limit: int = 60) -> str:
         return line
     cut = line[: limit - 1].rsplit(" ", 1)[0] or line[: limit - 1]
     return cut + "…"
-
-
-def _decode_all(data: bytes) -> list[records.Record]:
-    return [records.decode(line) for line in data.splitlines()]

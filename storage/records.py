@@ -21,6 +21,7 @@ __all__ = [
     "chunk",
     "conversation",
     "decode",
+    "decode_all",
     "encode",
     "end",
     "now_ms",
@@ -77,6 +78,14 @@ def decode(line: bytes | bytearray | memoryview) -> Record:
     if not isinstance(value.get("type"), str) or not _is_int(value.get("ts")):
         raise RecordError("missing string 'type' or integer 'ts'")
     return value
+
+
+def decode_all(data: bytes) -> list[Record]:
+    """Parse a block of whole records (each line ending in ``\n``).
+
+    :raises RecordError: a line is not a valid record.
+    """
+    return [decode(line) for line in data.splitlines()]
 
 
 def _is_int(value: object) -> bool:

@@ -95,7 +95,6 @@ class LocalProvider:
         self._upstream: OpenAIProvider | None = None
         self._ready = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
-        self._stopping = False
         self._stop_requested = asyncio.Event()
 
     @property
@@ -124,9 +123,8 @@ class LocalProvider:
 
     async def close(self) -> None:
         """Stop the supervisor and the child."""
-        self._stopping = True
         self._stop_requested.set()
-        await self._stop_child()  # the supervisor sees it exit, and _stopping, and returns
+        await self._stop_child()  # the supervisor sees it exit, and the stop request, and returns
         if self._supervisor is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._supervisor), 10)
@@ -155,11 +153,11 @@ class LocalProvider:
 
     async def _supervise(self) -> None:
         backoff = 1.0
-        while not self._stopping:
+        while not self._stop_requested.is_set():
             port = _free_port()
             await self._spawn(port)
             assert self._process is not None
-            if self._stopping:
+            if self._stop_requested.is_set():
                 await self._stop_child()
                 return
             if await self._wait_ready(port):
@@ -180,7 +178,7 @@ class LocalProvider:
                 )
             code = await self._process.wait()
             self._ready.clear()
-            if self._stopping:
+            if self._stop_requested.is_set():
                 return
             self.restarts += 1
             logger.error(
@@ -229,7 +227,9 @@ class LocalProvider:
         deadline = loop.time() + self.ready_timeout
         async with aiohttp.ClientSession() as session:
             while (
-                loop.time() < deadline and self._process.returncode is None and not self._stopping
+                loop.time() < deadline
+                and self._process.returncode is None
+                and not self._stop_requested.is_set()
             ):
                 with contextlib.suppress(aiohttp.ClientError, OSError):
                     async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
