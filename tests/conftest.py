@@ -3,6 +3,7 @@ fault-injecting :class:`FaultyIO` for the log's write path."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import threading
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from server.app import init_app
@@ -120,11 +120,6 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def faulty_io() -> FaultyIO:
-    return FaultyIO()
-
-
-@pytest.fixture
 def make_client(aiohttp_client, data_dir: Path):
     """``await make_client(**settings, file_io=..., provider=...)``: a test client for a
     real server on a loopback port over ``data_dir``."""
@@ -165,14 +160,4 @@ async def wait_idle(client: TestClient, conversation_id: str, limit_s: float = 3
         if body["running"] is None:
             return body
         assert time.monotonic() < deadline, "reply did not finish"
-        await _sleep(0.02)
-
-
-async def _sleep(seconds: float) -> None:
-    import asyncio
-
-    await asyncio.sleep(seconds)
-
-
-def app_of(client: TestClient) -> web.Application:
-    return client.server.app
+        await asyncio.sleep(0.02)
