@@ -8,11 +8,14 @@ calls ``os.write`` or ``os.fdatasync`` on a log.
 
 from __future__ import annotations
 
+import ctypes
 import enum
+import functools
 import os
+import platform
 from pathlib import Path
 
-__all__ = ["Durability", "FileIO"]
+__all__ = ["Durability", "FileIO", "syncfs_reports_errors"]
 
 
 class Durability(enum.StrEnum):
@@ -48,6 +51,19 @@ class FileIO:
         """
         os.fdatasync(fd)
 
+    def syncfs(self, fd: int) -> None:
+        """``syncfs(2)``: every file of the file system holding ``fd`` reaches stable
+        storage (data, sizes, the journal, the disk's cache).
+
+        Reports writeback errors of any file of that file system since Linux 5.8
+        (:func:`syncfs_reports_errors`); before, it always succeeded.
+
+        :raises OSError: some data may be lost; never retry as if it worked.
+        """
+        if _libc().syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+
     def fsync_dir(self, path: Path) -> None:
         """``fsync(2)`` a directory, so names created in it are on disk."""
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -55,3 +71,23 @@ class FileIO:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+@functools.cache
+def syncfs_reports_errors() -> bool:
+    """Whether ``syncfs(2)`` is there and reports writeback errors: Linux 5.8 and later
+    (commit 735e4ae5ba28, "vfs: track per-sb writeback errors and report them to
+    syncfs"). Elsewhere the log syncs each file with ``fdatasync``."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        release = tuple(int(part) for part in platform.release().split(".")[:2])
+        _libc().syncfs  # noqa: B018 (the symbol exists)
+    except (ValueError, AttributeError, OSError):
+        return False
+    return release >= (5, 8)

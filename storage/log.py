@@ -2,12 +2,11 @@
 
 Writes (DESIGN.md "The log"):
 
-* :meth:`ConversationLog.append` queues a record and waits until it is *committed*. One
-  flusher task per log takes everything queued, writes it with one ``write()`` and (policy
-  ``fsync``) one ``fdatasync`` on a worker thread, then moves the committed offset past
-  the whole batch. Records that queue while a sync is in flight share the next one
-  (group commit). Under ``flush`` the ``write()`` (a copy into the page cache) runs on the
-  event loop itself: a thread hop per batch cost more than the copy.
+* :meth:`ConversationLog.append` queues a record and waits until it is *committed*. The
+  log's :class:`~storage.commit.GroupCommit` (shared by the logs of a store) takes
+  everything queued, writes it with one ``write()`` and (policy ``fsync``) makes it
+  durable, then moves the committed offset past the whole batch. Records that queue while
+  a sync is in flight share the next one (group commit, across logs).
 * A failed write or sync is fatal for the log: queued and later appends raise
   :class:`LogFailedError`; what was committed stays readable; nothing is retried.
 * One writer per file, across processes: the writer holds ``flock(LOCK_EX)``. A log that
@@ -29,6 +28,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from . import records
+from .commit import GroupCommit
 from .durability import Durability, FileIO
 from .fold import Summary
 from .recovery import CorruptLogError, Scan, cut_torn_tail, keep_aside, scan
@@ -48,10 +48,6 @@ logger = logging.getLogger(__name__)
 
 READ_BLOCK = 256 * 1024
 """Bytes read from the file per call when a reader is behind the in-memory tail."""
-COALESCE_TICKS = 32
-"""Loop ticks a commit may wait for more records while they keep arriving."""
-COALESCE_WHEN_WITHIN = 0.002
-"""Seconds since the log's previous commit under which a commit waits for more records."""
 TAIL_BYTES = 512 * 1024
 """Committed bytes kept in memory for readers at the live edge (amortized, up to 2x)."""
 
@@ -117,27 +113,28 @@ class ConversationLog:
         read_fd: int,
         committed: int,
         summary: Summary,
-        durability: Durability,
-        file_io: FileIO,
+        commit: GroupCommit,
+        owns_commit: bool,
         read_only_reason: str | None = None,
     ) -> None:
         self.path = path
         self.summary = summary
         self._fd = fd
+        self._device = os.fstat(read_fd).st_dev
         self._read_fd = read_fd
         self._committed = committed
-        self._durability = durability
-        self._file_io = file_io
+        self._group_commit = commit
+        self._owns_commit = owns_commit
         self._read_only_reason = read_only_reason
         self._failure: LogFailedError | None = None
         self._closing = False
         self._closed = False
         self._queue: list[tuple[records.Record, bytes, asyncio.Future[int]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._writing: list = []  # the batch the group commit is writing
+        self._last_pass = 0.0  # loop time the group commit last took this log's records
         self._commit_signal: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._tail = bytearray()
         self._tail_start = committed
-        self._last_commit = 0.0
         self._reads: set[asyncio.Future[bytes]] = set()
 
     # -- opening ----------------------------------------------------------------------
@@ -148,18 +145,25 @@ class ConversationLog:
         path: Path,
         first: records.Record,
         *,
-        durability: Durability = Durability.FSYNC,
+        durability: Durability | None = None,
         file_io: FileIO | None = None,
+        commit: GroupCommit | None = None,
     ) -> ConversationLog:
         """Create a new log whose first record is ``first`` (a ``conversation`` record).
 
         Durable whatever the policy: ``O_EXCL`` create, write and ``fdatasync`` the record,
         then ``fsync`` the directory. On failure the file is removed.
 
+        :param durability: policy of a log with its own group commit (default ``fsync``).
+        :param file_io: system-call layer of a log with its own group commit.
+        :param commit: the group commit shared with other logs (a store's); its policy and
+            system-call layer apply. Without it the log gets its own.
         :raises FileExistsError: the log exists.
         :raises OSError: a write or sync failed.
+        :raises ValueError: ``commit`` given with ``durability`` or ``file_io``.
         """
-        file_io = file_io or FileIO()
+        commit, owns_commit = _commit_of(durability, file_io, commit)
+        file_io = commit.file_io
         data = records.encode(first)
 
         def create_sync() -> int:
@@ -184,8 +188,8 @@ class ConversationLog:
             read_fd=os.open(path, os.O_RDONLY),
             committed=len(data),
             summary=summary,
-            durability=durability,
-            file_io=file_io,
+            commit=commit,
+            owns_commit=owns_commit,
         )
 
     @classmethod
@@ -193,8 +197,9 @@ class ConversationLog:
         cls,
         path: Path,
         *,
-        durability: Durability = Durability.FSYNC,
+        durability: Durability | None = None,
         file_io: FileIO | None = None,
+        commit: GroupCommit | None = None,
     ) -> ConversationLog:
         """Open an existing log, recovering it first (DESIGN.md "Recovery on open").
 
@@ -203,10 +208,14 @@ class ConversationLog:
         ``end``. A log locked by another process, or corrupt, opens read-only with its
         valid prefix readable; corruption is logged as an error, never cut.
 
+        ``durability``, ``file_io`` and ``commit`` are as for :meth:`create`.
+
         :raises FileNotFoundError: no such log.
         :raises OSError: recovery could not write.
+        :raises ValueError: ``commit`` given with ``durability`` or ``file_io``.
         """
-        file_io = file_io or FileIO()
+        commit, owns_commit = _commit_of(durability, file_io, commit)
+        file_io = commit.file_io
 
         def open_sync() -> tuple[int | None, Scan, str | None]:
             fd: int | None = os.open(path, os.O_RDWR | os.O_APPEND)
@@ -249,8 +258,8 @@ class ConversationLog:
             read_fd=os.open(path, os.O_RDONLY),
             committed=found.end,
             summary=found.summary,
-            durability=durability,
-            file_io=file_io,
+            commit=commit,
+            owns_commit=owns_commit,
             read_only_reason=reason,
         )
         for reply_id in list(found.summary.open_replies) if fd is not None else []:
@@ -330,9 +339,9 @@ class ConversationLog:
         self.check_writable()
         data = records.encode(record)
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if not self._queue:
+            self._group_commit.schedule(self)
         self._queue.append((record, data, done))
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush(), name=f"flush {self.path.name}")
         return done
 
     @property
@@ -340,55 +349,28 @@ class ConversationLog:
         """Records queued and not yet being written."""
         return len(self._queue)
 
-    async def _flush(self) -> None:
-        try:
-            while self._queue and self._failure is None:
-                await self._gather_batch()
-                batch, self._queue = self._queue, []
-                data = b"".join(item[1] for item in batch)
-                try:
-                    if self._durability is Durability.FLUSH:
-                        self._write_sync(data)  # a page-cache copy: no thread hop
-                    else:
-                        await asyncio.to_thread(self._write_sync, data)
-                except OSError as exc:
-                    self._fail(exc, batch)
-                    await asyncio.to_thread(self._discard_uncommitted)
-                    return
-                offset = self._committed
-                for record, line, done in batch:
-                    offset += len(line)
-                    self.summary.observe(record)
-                    if not done.done():
-                        done.set_result(offset)
-                self._committed = offset
-                self._remember(data)
-                self._signal_commit()
-        finally:
-            self._flusher = None
+    # The group commit's side of a pass (storage.commit): take the batch, then either
+    # commit it or fail the log, then say the pass is done.
 
-    async def _gather_batch(self) -> None:
-        # When records come fast (the previous commit was under 2 ms ago), let the loop run
-        # while more keep arriving (a few ticks at most) before committing, so a fast
-        # stream commits, and wakes its readers, in batches rather than one record at a
-        # time: under `flush` a write() takes microseconds, so records would rarely queue
-        # up on their own. A slow stream (an LLM at 20-100 tokens/s) commits at once.
-        now = asyncio.get_running_loop().time()
-        busy = now - self._last_commit < COALESCE_WHEN_WITHIN
-        self._last_commit = now
-        if not busy:
-            return
-        for _ in range(COALESCE_TICKS):
-            queued = len(self._queue)
-            await asyncio.sleep(0)
-            if len(self._queue) == queued:
-                return
+    def _take_batch(self) -> list[tuple[records.Record, bytes, asyncio.Future[int]]]:
+        self._writing, self._queue = self._queue, []
+        return self._writing
 
-    def _write_sync(self, data: bytes) -> None:
-        assert self._fd is not None
-        self._file_io.write_all(self._fd, data)
-        if self._durability is Durability.FSYNC:
-            self._file_io.fdatasync(self._fd)
+    def _commit(self, batch: list, data: bytes) -> None:
+        offset = self._committed
+        for record, line, done in batch:
+            offset += len(line)
+            self.summary.observe(record)
+            if not done.done():
+                done.set_result(offset)
+        self._committed = offset
+        self._remember(data)
+        self._signal_commit()
+
+    def _pass_done(self) -> None:
+        self._writing = []
+        if self._closing and not self._queue:
+            self._signal_commit()  # close() waits for this
 
     def _fail(self, exc: OSError, batch: list) -> None:
         self._failure = LogFailedError(exc)
@@ -544,8 +526,8 @@ class ConversationLog:
                 await asyncio.shield(self._commit_signal)
             return
         self._closing = True  # appends are refused from here on
-        while self._flusher is not None:
-            await asyncio.shield(self._flusher)
+        while self._queue or self._writing:
+            await asyncio.shield(self._commit_signal)
         self._closed = True
         self._signal_commit()
         if self._fd is not None:
@@ -555,3 +537,16 @@ class ConversationLog:
             await asyncio.wait(set(self._reads))
         os.close(self._read_fd)
         self._read_fd = -1
+        if self._owns_commit:
+            await self._group_commit.close()
+
+
+def _commit_of(
+    durability: Durability | None, file_io: FileIO | None, commit: GroupCommit | None
+) -> tuple[GroupCommit, bool]:
+    """The group commit a log uses, and whether the log owns it (closes it)."""
+    if commit is None:
+        return GroupCommit(durability=durability or Durability.FSYNC, file_io=file_io), True
+    if durability is not None or file_io is not None:
+        raise ValueError("durability and file_io come from the shared group commit")
+    return commit, False

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Final
 
 from . import records
+from .commit import GroupCommit
 from .durability import Durability, FileIO
 from .log import ConversationLog, LogClosedError, LogError
 
@@ -84,6 +85,8 @@ class Store:
         self.directory = self.data_dir / "conversations"
         self.durability = Durability(durability)
         self.file_io = file_io or FileIO()
+        self.commit = GroupCommit(durability=self.durability, file_io=self.file_io)
+        """The group commit every log of the store shares."""
         self._logs: dict[str, ConversationLog] = {}
         self._opening: dict[str, asyncio.Task[ConversationLog]] = {}
         self._closed = False
@@ -124,8 +127,7 @@ class Store:
         log = await ConversationLog.create(
             self.path(conversation_id),
             first,
-            durability=self.durability,
-            file_io=self.file_io,
+            commit=self.commit,
         )
         self._logs[conversation_id] = log
         return log
@@ -152,7 +154,7 @@ class Store:
         return await asyncio.shield(task)
 
     async def _open(self, conversation_id: str, path: Path) -> ConversationLog:
-        log = await ConversationLog.open(path, durability=self.durability, file_io=self.file_io)
+        log = await ConversationLog.open(path, commit=self.commit)
         self._logs[conversation_id] = log
         return log
 
@@ -198,3 +200,4 @@ class Store:
         logs, self._logs = self._logs, {}
         for log in logs.values():
             await log.close()
+        await self.commit.close()

@@ -34,14 +34,16 @@ class Fault:
 
 
 class FaultyIO(FileIO):
-    """A :class:`FileIO` whose ``write_all``/``fdatasync`` can fail, tear or slow down.
+    """A :class:`FileIO` whose ``write_all``/``fdatasync``/``syncfs`` can fail, tear or
+    slow down. ``fdatasync`` and ``syncfs`` are both the ``"sync"`` kind of call.
 
     :ivar target: when set, only calls on files whose path contains it are counted,
         faulted or slowed; other files go straight through.
     :ivar calls: counted calls per kind (``"write"``, ``"sync"``).
     :ivar calls_after_fault: calls per kind made after that kind's fault fired.
-    :ivar sync_delay: seconds each counted ``fdatasync`` sleeps first.
-    :ivar on_sync: called with the fd after each successful counted ``fdatasync``.
+    :ivar sync_delay: seconds each counted sync sleeps first.
+    :ivar on_sync: called with the fd after each successful counted sync.
+    :ivar syncfs_calls: ``syncfs`` calls, counted or not.
     """
 
     def __init__(self) -> None:
@@ -51,6 +53,7 @@ class FaultyIO(FileIO):
         self.calls_after_fault = {"write": 0, "sync": 0}
         self.faults: dict[str, Fault] = {}
         self.sync_delay = 0.0
+        self.syncfs_calls = 0
         self.on_sync: Callable[[int], None] | None = None
 
     def arm(
@@ -103,13 +106,20 @@ class FaultyIO(FileIO):
         super().write_all(fd, data)
 
     def fdatasync(self, fd: int) -> None:
+        self._sync(fd, super().fdatasync)
+
+    def syncfs(self, fd: int) -> None:
+        self.syncfs_calls += 1
+        self._sync(fd, super().syncfs)
+
+    def _sync(self, fd: int, sync: Callable[[int], None]) -> None:
         if not self._targeted(fd):
-            return super().fdatasync(fd)
+            return sync(fd)
         if self.sync_delay:
             time.sleep(self.sync_delay)
         if (fault := self._check("sync")) is not None:
             raise OSError(fault.errno, os.strerror(fault.errno))
-        super().fdatasync(fd)
+        sync(fd)
         if self.on_sync is not None:
             self.on_sync(fd)
 

@@ -71,6 +71,14 @@ class PowerLossIO(FileIO):
         super().fdatasync(fd)
         self.synced[self._path(fd)] = os.fstat(fd).st_size
 
+    def syncfs(self, fd: int) -> None:
+        self._tick()
+        super().syncfs(fd)
+        device = os.fstat(fd).st_dev
+        for path in self.files:
+            if path.exists() and path.stat().st_dev == device:
+                self.synced[path] = path.stat().st_size
+
     def fsync_dir(self, path: Path) -> None:
         self._tick()
         super().fsync_dir(path)
