@@ -35,6 +35,7 @@ from . import __version__, sse
 from .admission import TooManyError
 from .generation import NoReplyError, Replies, ReplyRunningError, Started
 from .keys import MESSAGE_RATE, PROVIDER, REPLIES, SETTINGS, STORE, STREAM_SLOTS
+from .stream import stream_log
 
 __all__ = ["ApiError", "json_errors", "routes"]
 
@@ -315,13 +316,9 @@ async def events(request: web.Request) -> web.StreamResponse:
 async def _stream(
     request: web.Request, log: ConversationLog, start: int, *, until_end_of: str | None = None
 ) -> web.StreamResponse:
-    """Send committed records from ``start`` as SSE events, then follow the log.
-
-    The caller holds a stream slot. Ends when the client leaves, the log closes
-    (shutdown), or, with ``until_end_of``, after the ``end`` record of that reply. A
-    failed or read-only log's stream stays open with keep-alives (nothing new can
-    commit), so EventSource does not reconnect in a loop.
-    """
+    """Check ``start`` (a ``416`` JSON error when it is no record boundary of the
+    committed log), then stream (:func:`server.stream.stream_log`). The caller holds a
+    stream slot."""
     try:
         await log.check_offset(start)
     except OffsetError as exc:
@@ -330,41 +327,11 @@ async def _stream(
         )
         raise ApiError(416, code, str(exc), offset=exc.committed) from None
     settings = request.app[SETTINGS]
-    response = web.StreamResponse(headers=sse.HEADERS)
-    position = start
-    try:
-        await response.prepare(request)
-        await response.write(sse.retry(settings.retry_ms))
-        while True:
-            if position < log.committed:
-                block = await log.read_records(position)
-                ended = False
-                if until_end_of is not None:
-                    block, ended = _through_end(position, block, until_end_of)
-                await response.write(sse.frame_records(position, block))
-                position += len(block)
-                if ended:
-                    break
-                continue
-            if log.closed:
-                break  # shutdown: every committed record was sent
-            try:
-                async with asyncio.timeout(settings.keepalive):  # no task per wait
-                    await log.wait_committed(position)
-            except TimeoutError:
-                await response.write(sse.KEEPALIVE)
-    except ConnectionError:
-        pass  # the client left; the reply (if any) goes on without it
-    except Exception:
-        # Headers are sent: no error answer is possible. End the stream; EventSource
-        # reconnects with Last-Event-ID and resumes exactly.
-        logger.exception("event stream of %s failed at offset %d", log.path.name, position)
-    return response
-
-
-def _through_end(offset: int, block: bytes, reply_id: str) -> tuple[bytes, bool]:
-    """Cut ``block`` just after the ``end`` record of ``reply_id``, if it holds it."""
-    for offset_after, kind, line in sse.records_in(offset, block):
-        if kind == "end" and records.decode(line).get("id") == reply_id:
-            return block[: offset_after - offset], True
-    return block, False
+    return await stream_log(
+        request,
+        log,
+        start,
+        keepalive=settings.keepalive,
+        retry_ms=settings.retry_ms,
+        until_end_of=until_end_of,
+    )

@@ -132,7 +132,8 @@ class ConversationLog:
         self._queue: list[tuple[records.Record, bytes, asyncio.Future[int]]] = []
         self._writing: list = []  # the batch the group commit is writing
         self._last_pass = 0.0  # loop time the group commit last took this log's records
-        self._commit_signal: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters: list[asyncio.Future[None]] = []  # see next_commit()
+        self._waiters_pruned_at = 0
         self._tail = bytearray()
         self._tail_start = committed
         self._reads: set[asyncio.Future[bytes]] = set()
@@ -425,11 +426,11 @@ class ConversationLog:
             self._tail_start += cut
 
     def _signal_commit(self) -> None:
-        signal, self._commit_signal = (
-            self._commit_signal,
-            asyncio.get_running_loop().create_future(),
-        )
-        signal.set_result(None)
+        waiters, self._waiters = self._waiters, []
+        self._waiters_pruned_at = 0
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -492,6 +493,23 @@ class ConversationLog:
         pending.add_done_callback(self._reads.discard)
         return await asyncio.shield(pending)
 
+    def next_commit(self) -> asyncio.Future[None]:
+        """A future that resolves at the log's next commit, failure or close.
+
+        Each caller gets a future of its own: cancelling it, or resolving it early (a
+        keep-alive timer may), touches no other waiter. Cheaper than a task or a timer
+        per wait, so thousands of live readers can wait on one log.
+        """
+        waiter = asyncio.get_running_loop().create_future()
+        waiters = self._waiters
+        waiters.append(waiter)
+        if len(waiters) > 2 * self._waiters_pruned_at + 64:
+            # Waiters resolved or cancelled by their owners pile up on a log that does not
+            # commit for a long time; drop them (amortized O(1) per call).
+            waiters[:] = [w for w in waiters if not w.done()]
+            self._waiters_pruned_at = len(waiters)
+        return waiter
+
     async def follow(self, start: int) -> AsyncIterator[tuple[int, bytes]]:
         """Yield ``(offset, block)`` of committed records from ``start``, then each new
         commit as it happens (live tail), without polling.
@@ -510,12 +528,7 @@ class ConversationLog:
                 continue
             if self._closed:
                 return
-            await asyncio.shield(self._commit_signal)
-
-    async def wait_committed(self, offset: int) -> None:
-        """Wait until the committed offset passes ``offset``, or the log closes."""
-        while self._committed <= offset and not self._closed:
-            await asyncio.shield(self._commit_signal)
+            await self.next_commit()
 
     # -- closing ------------------------------------------------------------------------
 
@@ -523,11 +536,11 @@ class ConversationLog:
         """Commit what is queued, stop appends, end followers, release the lock."""
         if self._closing:
             while not self._closed:
-                await asyncio.shield(self._commit_signal)
+                await self.next_commit()
             return
         self._closing = True  # appends are refused from here on
         while self._queue or self._writing:
-            await asyncio.shield(self._commit_signal)
+            await self.next_commit()
         self._closed = True
         self._signal_commit()
         if self._fd is not None:
