@@ -4,12 +4,13 @@ A :class:`ConversationLog` queues its records and hands itself to the
 :class:`GroupCommit` it shares with the other logs of its store. One long-lived task
 runs *passes*; each pass takes the queued records of every log that has any and
 
-* under ``flush``: writes each log's batch with one ``write()`` on the event loop (a
-  page-cache copy; a thread hop per pass cost more than the copies);
-* under ``fsync``: on one worker thread, writes each log's batch, then makes them all
-  durable: one ``fdatasync`` per log, or, when at least :data:`SYNCFS_MIN_LOGS` logs of
-  one file system were written, one ``syncfs(2)`` for that file system (where it reports
-  writeback errors: Linux 5.8 and later).
+* writes each log's batch with one ``write()`` on the event loop (a page-cache copy of
+  a few hundred bytes: cheaper than a thread hop, and a worker thread writing while the
+  loop is busy would wait for the GIL after every call);
+* under ``fsync``, then makes them all durable on one worker thread: one ``fdatasync``
+  per log, or, when at least :data:`SYNCFS_MIN_LOGS` logs of one file system were
+  written, one ``syncfs(2)`` for that file system (where it reports writeback errors:
+  Linux 5.8 and later).
 
 Then, back on the loop, every written log moves its committed offset past its batch and
 wakes its readers. Records queued while a pass is in flight go in the next pass, so the
@@ -141,13 +142,16 @@ class GroupCommit:
         batches = [(log, log._take_batch()) for log in logs]
         batches = [(log, batch) for log, batch in batches if batch]
         datas = [b"".join(line for _, line, _ in batch) for _, batch in batches]
-        if self.durability is Durability.FLUSH:
-            errors = [
-                self._write(log._fd, data) for (log, _), data in zip(batches, datas, strict=True)
-            ]
-        else:
-            fds = [(log._fd, log._device) for log, _ in batches]
-            errors = await asyncio.to_thread(self._write_and_sync, fds, datas)
+        # The writes are page-cache copies of a few hundred bytes: on the loop they cost
+        # less than handing them to a thread, which would contend for the GIL once per
+        # call while the loop is busy.
+        errors = [self._write(log._fd, data) for (log, _), data in zip(batches, datas, strict=True)]
+        if self.durability is Durability.FSYNC:
+            written = [(k, log._fd, log._device) for k, (log, _) in enumerate(batches)]
+            written = [entry for entry in written if errors[entry[0]] is None]
+            if written:
+                for k, error in await asyncio.to_thread(self._sync, written):
+                    errors[k] = error
         failed = []
         for (log, batch), data, error in zip(batches, datas, errors, strict=True):
             if error is None:
@@ -168,32 +172,30 @@ class GroupCommit:
             return exc
         return None
 
-    def _write_and_sync(
-        self, fds: list[tuple[int | None, int]], datas: list[bytes]
-    ) -> list[OSError | None]:
-        """On a worker thread: write every batch, then sync what was written.
+    def _sync(self, written: list[tuple[int, int | None, int]]) -> list[tuple[int, OSError]]:
+        """On a worker thread: make the written logs durable.
 
-        :returns: per batch, the error that failed it, or ``None``.
+        :param written: ``(batch index, fd, st_dev)`` per written log.
+        :returns: ``(batch index, error)`` for each log whose sync failed.
         """
-        errors = [self._write(fd, data) for (fd, _), data in zip(fds, datas, strict=True)]
-        devices: dict[int, list[int]] = {}
-        for k, (_, device) in enumerate(fds):
-            if errors[k] is None:
-                devices.setdefault(device, []).append(k)
-        for written in devices.values():
-            if self.use_syncfs and len(written) >= SYNCFS_MIN_LOGS:
+        devices: dict[int, list[tuple[int, int]]] = {}
+        for k, fd, device in written:
+            assert fd is not None
+            devices.setdefault(device, []).append((k, fd))
+        errors = []
+        for logs in devices.values():
+            if self.use_syncfs and len(logs) >= SYNCFS_MIN_LOGS:
                 self.syncfs_calls += 1
                 try:
-                    self.file_io.syncfs(fds[written[0]][0])  # type: ignore[arg-type]
+                    self.file_io.syncfs(logs[0][1])
                 except OSError as exc:
-                    for k in written:
-                        errors[k] = exc
+                    errors.extend((k, exc) for k, _ in logs)
                 continue
-            for k in written:
+            for k, fd in logs:
                 try:
-                    self.file_io.fdatasync(fds[k][0])  # type: ignore[arg-type]
+                    self.file_io.fdatasync(fd)
                 except OSError as exc:
-                    errors[k] = exc
+                    errors.append((k, exc))
         return errors
 
 

@@ -30,8 +30,9 @@ class Durability(enum.StrEnum):
 class FileIO:
     """Blocking file system calls used by the log. Subclass to inject faults.
 
-    Methods run on a worker thread (never on the event loop) and raise :class:`OSError`
-    exactly as the system calls do.
+    Methods raise :class:`OSError` exactly as the system calls do. A log's appends call
+    ``write_all`` on the event loop (a page-cache copy) and the syncs on a worker thread;
+    creating, recovering and cleaning up a log run on a worker thread.
     """
 
     def write_all(self, fd: int, data: bytes) -> None:
@@ -39,10 +40,12 @@ class FileIO:
 
         Loops over short writes. :raises OSError: e.g. ``ENOSPC``, ``EIO``.
         """
-        view = memoryview(data)
+        written = os.write(fd, data)
+        if written == len(data):
+            return
+        view = memoryview(data)[written:]
         while view:
-            written = os.write(fd, view)
-            view = view[written:]
+            view = view[os.write(fd, view) :]
 
     def fdatasync(self, fd: int) -> None:
         """``fdatasync(2)``: the file's data (and size) reach stable storage.

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from storage import ConversationLog, Durability, FileIO, LogError, records
+from storage.commit import GroupCommit
+from storage.durability import syncfs_reports_errors
 
 VARIANTS = ("lost", "torn", "hole", "kept")
 
@@ -36,6 +38,7 @@ class PowerLossIO(FileIO):
         self.named: set[Path] = set()  # files whose directory entry is durable
         self.files: set[Path] = set()
         self.images: dict[Path, dict[str, bytes | None]] = {}
+        self.syncfs_calls = 0
 
     def _path(self, fd: int) -> Path:
         return Path(os.readlink(f"/proc/self/fd/{fd}"))
@@ -72,6 +75,7 @@ class PowerLossIO(FileIO):
         self.synced[self._path(fd)] = os.fstat(fd).st_size
 
     def syncfs(self, fd: int) -> None:
+        self.syncfs_calls += 1
         self._tick()
         super().syncfs(fd)
         device = os.fstat(fd).st_dev
@@ -85,39 +89,53 @@ class PowerLossIO(FileIO):
         self.named.update(p for p in self.files if p.parent == Path(path).resolve())
 
 
-async def workload(path: Path, durability: Durability, io: PowerLossIO) -> bytes:
-    """Create a log, append records in batches that share commits, follow it from 0.
-    :returns: the bytes a reader was shown before the crash."""
-    shown = bytearray()
-    try:
-        log = await ConversationLog.create(
-            path,
-            records.conversation(conversation_id="c", title="t", model="m", system=None),
-            durability=durability,
-            file_io=io,
-        )
-    except OSError:
-        return bytes(shown)
+async def workload(
+    directory: Path, durability: Durability, io: PowerLossIO, *, logs: int = 1
+) -> dict[Path, bytes]:
+    """Create ``logs`` logs sharing one group commit, append records to all of them in
+    batches that share commits (with 4 or more logs a pass syncs them with one
+    ``syncfs``), and follow each from 0.
 
-    async def follow() -> None:
+    :returns: per log, the bytes a reader was shown before the crash.
+    """
+    commit = GroupCommit(durability=durability, file_io=io)
+    shown: dict[Path, bytearray] = {}
+    opened: list[ConversationLog] = []
+    for k in range(logs):
+        path = directory / f"c{k}.jsonl"
+        try:
+            opened.append(
+                await ConversationLog.create(
+                    path,
+                    records.conversation(conversation_id="c", title="t", model="m", system=None),
+                    commit=commit,
+                )
+            )
+        except OSError:
+            break
+        shown[path] = bytearray()
+
+    async def follow(log: ConversationLog) -> None:
         async for _, block in log.follow(0):
-            shown.extend(block)
+            shown[log.path].extend(block)
 
-    follower = asyncio.create_task(follow())
+    followers = [asyncio.create_task(follow(log)) for log in opened]
     index = 0
-    for size in (1, 2, 1, 4, 1, 3):
+    for size in (1, 2, 1, 4, 1, 3) if len(opened) == logs else ():
         batch = []
         for _ in range(size):
             batch.append(records.chunk(reply_id="r", i=index, text=f"token {index}"))
             index += 1
         try:
-            await asyncio.gather(*(log.append(record) for record in batch))
+            await asyncio.gather(*(log.append(record) for log in opened for record in batch))
         except LogError:
             break
-        await asyncio.sleep(0)  # let the reader see the commit before the next batch
-    await log.close()
-    await follower
-    return bytes(shown)
+        await asyncio.sleep(0)  # let the readers see the commit before the next batch
+    for log in opened:
+        await log.close()
+    await commit.close()
+    await asyncio.gather(*followers)
+    return {path: bytes(data) for path, data in shown.items()}
 
 
 async def recover(image: bytes | None, directory: Path) -> bytes:
@@ -136,7 +154,9 @@ async def recover(image: bytes | None, directory: Path) -> bytes:
     return path.read_bytes()
 
 
-async def crash_everywhere(tmp_path: Path, durability: Durability) -> list[tuple[int, str]]:
+async def crash_everywhere(
+    tmp_path: Path, durability: Durability, *, logs: int = 1
+) -> list[tuple[int, str]]:
     """Run the workload crashing at each call in turn; return the (call, variant) pairs
     after which a record that had been shown is missing from the recovered log."""
     losses = []
@@ -145,15 +165,16 @@ async def crash_everywhere(tmp_path: Path, durability: Durability) -> list[tuple
         io = PowerLossIO(crash_at)
         run = tmp_path / f"{durability}-{crash_at}"
         run.mkdir()
-        shown = await workload(run / "c.jsonl", durability, io)
+        shown = await workload(run, durability, io, logs=logs)
         if not io.crashed:
             assert crash_at > 8  # every call of the workload was a crash point
             return losses
-        for variant in VARIANTS:
-            image = io.images.get(run / "c.jsonl", {}).get(variant)
-            recovered = await recover(image, run / variant)
-            if not recovered.startswith(shown):
-                losses.append((crash_at, variant))
+        for path, seen in shown.items():
+            for variant in VARIANTS:
+                image = io.images.get(path, {}).get(variant)
+                recovered = await recover(image, run / f"{path.stem}-{variant}")
+                if not recovered.startswith(seen):
+                    losses.append((crash_at, variant))
         crash_at += 1
 
 
@@ -165,12 +186,22 @@ async def test_fsync_never_loses_a_shown_record_and_flush_can(tmp_path):
     assert not any(variant == "kept" for _, variant in flush_losses)
 
 
+@pytest.mark.skipif(not syncfs_reports_errors(), reason="needs syncfs (Linux 5.8+)")
+async def test_fsync_never_loses_a_shown_record_when_logs_share_a_syncfs(tmp_path):
+    io = PowerLossIO(crash_at=10**6)  # no crash: check that the workload uses syncfs
+    (tmp_path / "dry").mkdir()
+    shown = await workload(tmp_path / "dry", Durability.FSYNC, io, logs=5)
+    assert len(shown) == 5 and all(shown.values())
+    assert io.syncfs_calls >= 6  # one per batch of the workload, for all five logs
+    assert await crash_everywhere(tmp_path, Durability.FSYNC, logs=5) == []
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 async def test_power_loss_image_shapes_recover_cleanly(tmp_path, variant):
     io = PowerLossIO(crash_at=8)  # mid-workload, with unsynced bytes in flight (flush)
-    shown = await workload(tmp_path / "c.jsonl", Durability.FLUSH, io)
-    assert io.crashed and shown
-    recovered = await recover(io.images[tmp_path / "c.jsonl"][variant], tmp_path / "after")
+    shown = await workload(tmp_path, Durability.FLUSH, io)
+    assert io.crashed and shown[tmp_path / "c0.jsonl"]
+    recovered = await recover(io.images[tmp_path / "c0.jsonl"][variant], tmp_path / "after")
     # whatever survived is a valid log made of whole records
     for line in recovered.splitlines():
         records.decode(line)
