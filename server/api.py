@@ -35,7 +35,7 @@ from . import __version__, sse
 from .admission import TooManyError
 from .generation import NoReplyError, Replies, ReplyRunningError, Started
 from .keys import MESSAGE_RATE, PROVIDER, REPLIES, SETTINGS, STORE, STREAM_SLOTS
-from .stream import stream_log
+from .stream import EventStream
 
 __all__ = ["ApiError", "json_errors", "routes"]
 
@@ -317,7 +317,7 @@ async def _stream(
     request: web.Request, log: ConversationLog, start: int, *, until_end_of: str | None = None
 ) -> web.StreamResponse:
     """Check ``start`` (a ``416`` JSON error when it is no record boundary of the
-    committed log), then stream (:func:`server.stream.stream_log`). The caller holds a
+    committed log), then stream (:class:`server.stream.EventStream`). The caller holds a
     stream slot."""
     try:
         await log.check_offset(start)
@@ -327,7 +327,7 @@ async def _stream(
         )
         raise ApiError(416, code, str(exc), offset=exc.committed) from None
     settings = request.app[SETTINGS]
-    return await stream_log(
+    stream = EventStream(
         request,
         log,
         start,
@@ -335,3 +335,4 @@ async def _stream(
         retry_ms=settings.retry_ms,
         until_end_of=until_end_of,
     )
+    return await stream.run()

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
-from typing import Final
+from typing import Final, NamedTuple
 
 import orjson
 
@@ -31,6 +31,7 @@ __all__ = [
     "HEADERS",
     "KEEPALIVE",
     "StartOffsetError",
+    "Framed",
     "frame_records",
     "records_in",
     "retry",
@@ -97,12 +98,33 @@ def records_in(offset: int, block: bytes) -> Iterator[tuple[int, str, bytes]]:
         yield offset + start, _record_type(line), line
 
 
-def frame_records(offset: int, block: bytes) -> bytes:
-    """Frame a block of whole records starting at ``offset`` as SSE events, in one buffer."""
+class Framed(NamedTuple):
+    """SSE events framed from a block of records."""
+
+    events: bytes
+    """The events, in one buffer."""
+    size: int
+    """Bytes of the block they came from (all of it, unless it stopped at an ``end``)."""
+    ended: bool
+    """Whether it stopped after the ``end`` record of the reply asked for."""
+
+
+def frame_records(offset: int, block: bytes, *, until_end_of: str | None = None) -> Framed:
+    """Frame a block of whole records starting at ``offset`` as SSE events: per record
+    ``id: <offset after it>``, ``event: <its type>``, ``data: <its JSON line>``.
+
+    :param until_end_of: a reply id: stop after that reply's ``end`` record.
+    """
     parts = []
     for offset_after, kind, line in records_in(offset, block):
         parts.append(b"id: %d\nevent: %s\ndata: %s\n\n" % (offset_after, kind.encode(), line))
-    return b"".join(parts)
+        if until_end_of is not None and kind == "end" and _reply_id(line) == until_end_of:
+            return Framed(b"".join(parts), offset_after - offset, True)
+    return Framed(b"".join(parts), len(block), False)
+
+
+def _reply_id(line: bytes) -> object:
+    return orjson.loads(line).get("id")
 
 
 def _record_type(line: bytes) -> str:

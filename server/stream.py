@@ -1,10 +1,25 @@
 """One SSE event stream of a conversation log: committed records from a start offset,
 then the live tail, with keep-alive comments while nothing commits.
 
-Each stream waits for the log's next commit on a future of its own
-(:meth:`storage.ConversationLog.next_commit`); no task, no shield and no timer is made
-per event. The keep-alive is one lazily re-armed timer per stream (:class:`IdleTimer`),
-which fires about once per keep-alive interval, not once per event.
+Two ways of sending, one position:
+
+* **pull**: the stream's task reads committed records (from the log's in-memory tail, or
+  the file when it is behind) and awaits ``response.write``, which waits for a slow
+  client's socket to drain. Used to catch up, and whenever the client is slow.
+* **push**: once caught up, the stream listens to its log
+  (:meth:`storage.ConversationLog.add_listener`). Each commit calls it synchronously,
+  right after the committed offset moved, and it writes the framed events straight to
+  the transport, with the task asleep. Anything unusual (a client not draining its
+  socket, a closing transport, the log closing, the stream's last event) wakes the task,
+  which carries on by pulling.
+
+Why push: aiohttp's ``StreamResponse.write`` is a coroutine, so pulling costs a task
+wake-up, a future and a coroutine resume per event per stream. With 1,000 live replies
+(bench P2, 20,000 events/s on one event loop) push took the p99 latency from provider to
+client from 173 ms to 22 ms. Push writes the HTTP/1.1 chunk framing itself (RFC 9112
+§7.1, ``<hex size>\\r\\n<data>\\r\\n``, the framing aiohttp's writer uses for the rest of
+the response, which has chunked encoding enabled explicitly); an HTTP/1.0 response is not
+chunked and is written as it is.
 """
 
 from __future__ import annotations
@@ -12,15 +27,19 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
-from storage import ConversationLog, records
+from storage import ConversationLog
 
 from . import sse
 
-__all__ = ["IdleTimer", "stream_log"]
+__all__ = ["PUSH_BUFFER_LIMIT", "EventStream", "IdleTimer"]
 
 logger = logging.getLogger(__name__)
+
+PUSH_BUFFER_LIMIT = 64 * 1024
+"""Bytes a client may leave unread in the transport before the stream stops pushing and
+pulls (awaiting each write, so a slow reader costs no memory beyond this)."""
 
 
 class IdleTimer:
@@ -49,7 +68,7 @@ class IdleTimer:
         return self._loop.time() - self._last_sent >= self._seconds
 
     async def wait(self, waiter: asyncio.Future[None]) -> None:
-        """Wait for ``waiter`` (a commit), or until a keep-alive is due."""
+        """Wait for ``waiter``, or until a keep-alive is due."""
         self._waiter = waiter
         try:
             await waiter
@@ -69,23 +88,15 @@ class IdleTimer:
         self._handle = self._loop.call_at(self._loop.time() + self._seconds, self._fire)
 
 
-async def stream_log(
-    request: web.Request,
-    log: ConversationLog,
-    start: int,
-    *,
-    keepalive: float,
-    retry_ms: int,
-    until_end_of: str | None = None,
-) -> web.StreamResponse:
-    """Send committed records from ``start`` as SSE events, then follow the log.
+class EventStream:
+    """Send a log's committed records from ``start`` as SSE events, then follow it.
 
     Each event is ``id: <offset after the record>``, ``event: <record type>``,
-    ``data: <the record's JSON line>`` (DESIGN.md "SSE stream"); a block of records that
-    committed together goes out in one write. Ends when the client leaves, the log closes
-    (shutdown), or, with ``until_end_of``, after the ``end`` record of that reply. A
-    failed or read-only log's stream stays open with keep-alives (nothing new can
-    commit), so EventSource does not reconnect in a loop.
+    ``data: <the record's JSON line>`` (DESIGN.md "SSE stream"); records that committed
+    together go out in one write. Ends when the client leaves, the log closes (shutdown),
+    or, with ``until_end_of``, after the ``end`` record of that reply. A failed or
+    read-only log's stream stays open with keep-alives (nothing new can commit), so
+    EventSource does not reconnect in a loop.
 
     :param start: a record boundary already checked with
         :meth:`~storage.ConversationLog.check_offset`.
@@ -93,44 +104,94 @@ async def stream_log(
     :param retry_ms: the ``retry:`` field sent first (ms).
     :param until_end_of: a reply id: end the stream after that reply's ``end``.
     """
-    response = web.StreamResponse(headers=sse.HEADERS)
-    position = start
-    idle = IdleTimer(keepalive)
-    try:
-        await response.prepare(request)
-        await response.write(sse.retry(retry_ms))
-        while True:
-            if position < log.committed:
-                block = await log.read_records(position)
-                ended = False
-                if until_end_of is not None:
-                    block, ended = _through_end(position, block, until_end_of)
-                await response.write(sse.frame_records(position, block))
-                idle.sent()
-                position += len(block)
-                if ended:
-                    break
-                continue
-            if log.closed:
-                break  # shutdown: every committed record was sent
-            await idle.wait(log.next_commit())
-            if position == log.committed and idle.due:
-                await response.write(sse.KEEPALIVE)
-                idle.sent()
-    except ConnectionError:
-        pass  # the client left; the reply (if any) goes on without it
-    except Exception:
-        # Headers are sent: no error answer is possible. End the stream; EventSource
-        # reconnects with Last-Event-ID and resumes exactly.
-        logger.exception("event stream of %s failed at offset %d", log.path.name, position)
-    finally:
-        idle.cancel()
-    return response
 
+    def __init__(
+        self,
+        request: web.Request,
+        log: ConversationLog,
+        start: int,
+        *,
+        keepalive: float,
+        retry_ms: int,
+        until_end_of: str | None = None,
+    ) -> None:
+        self.position = start
+        """Offset of the next record to send."""
+        self._request = request
+        self._log = log
+        self._keepalive = keepalive
+        self._retry_ms = retry_ms
+        self._until_end_of = until_end_of
+        self._chunked = request.version >= HttpVersion11
+        self._ended = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._idle: IdleTimer | None = None
 
-def _through_end(offset: int, block: bytes, reply_id: str) -> tuple[bytes, bool]:
-    """Cut ``block`` just after the ``end`` record of ``reply_id``, if it holds it."""
-    for offset_after, kind, line in sse.records_in(offset, block):
-        if kind == "end" and records.decode(line).get("id") == reply_id:
-            return block[: offset_after - offset], True
-    return block, False
+    async def run(self) -> web.StreamResponse:
+        """Stream until the end; never raises for a client that left or a write that
+        failed (headers are sent by then: EventSource reconnects with Last-Event-ID)."""
+        log = self._log
+        response = web.StreamResponse(headers=sse.HEADERS)
+        if self._chunked:
+            response.enable_chunked_encoding()  # push writes the same chunk framing
+        idle = self._idle = IdleTimer(self._keepalive)
+        try:
+            await response.prepare(self._request)
+            await response.write(sse.retry(self._retry_ms))
+            while not self._ended:
+                if self.position < log.committed:
+                    block = await log.read_records(self.position)
+                    framed = self._frame(self.position, block)
+                    await response.write(framed.events)
+                    idle.sent()
+                    continue
+                if log.closed:
+                    break  # shutdown: every committed record was sent
+                await self._listen()
+                if self.position == log.committed and idle.due and not self._ended:
+                    await response.write(sse.KEEPALIVE)
+                    idle.sent()
+        except ConnectionError:
+            pass  # the client left; the reply (if any) goes on without it
+        except Exception:
+            logger.exception("event stream of %s failed at offset %d", log.path.name, self.position)
+        finally:
+            idle.cancel()
+        return response
+
+    def _frame(self, offset: int, block: bytes) -> sse.Framed:
+        framed = sse.frame_records(offset, block, until_end_of=self._until_end_of)
+        self.position = offset + framed.size
+        self._ended = framed.ended
+        return framed
+
+    async def _listen(self) -> None:
+        """Push commits until something needs the task (see :meth:`_on_commit`)."""
+        assert self._idle is not None
+        self._waiter = asyncio.get_running_loop().create_future()
+        self._log.add_listener(self._on_commit)
+        try:
+            await self._idle.wait(self._waiter)
+        finally:
+            self._log.remove_listener(self._on_commit)
+
+    def _on_commit(self, offset: int, block: bytes) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # the task is about to pull
+        transport = self._request.transport
+        if (
+            not block  # the log closed
+            or offset != self.position
+            or transport is None
+            or transport.is_closing()
+            or transport.get_write_buffer_size() > PUSH_BUFFER_LIMIT
+        ):
+            waiter.set_result(None)
+            return
+        events = self._frame(offset, block).events
+        transport.write(b"%x\r\n%s\r\n" % (len(events), events) if self._chunked else events)
+        assert self._idle is not None
+        self._idle.sent()
+        if self._ended:
+            waiter.set_result(None)

@@ -20,11 +20,12 @@ further back ``pread`` the file, so a lagging reader costs no memory per record.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from . import records
@@ -116,6 +117,7 @@ class ConversationLog:
         commit: GroupCommit,
         owns_commit: bool,
         read_only_reason: str | None = None,
+        tail: bytes = b"",
     ) -> None:
         self.path = path
         self.summary = summary
@@ -134,8 +136,9 @@ class ConversationLog:
         self._last_pass = 0.0  # loop time the group commit last took this log's records
         self._waiters: list[asyncio.Future[None]] = []  # see next_commit()
         self._waiters_pruned_at = 0
-        self._tail = bytearray()
-        self._tail_start = committed
+        self._listeners: list[Callable[[int, bytes], None]] = []
+        self._tail = bytearray(tail)  # the last committed bytes
+        self._tail_start = committed - len(tail)
         self._reads: set[asyncio.Future[bytes]] = set()
 
     # -- opening ----------------------------------------------------------------------
@@ -191,6 +194,7 @@ class ConversationLog:
             summary=summary,
             commit=commit,
             owns_commit=owns_commit,
+            tail=data,
         )
 
     @classmethod
@@ -364,8 +368,10 @@ class ConversationLog:
             self.summary.observe(record)
             if not done.done():
                 done.set_result(offset)
-        self._committed = offset
+        start, self._committed = self._committed, offset
         self._remember(data)
+        if self._listeners:
+            self._tell_listeners(start, data)
         self._signal_commit()
 
     def _pass_done(self) -> None:
@@ -426,6 +432,8 @@ class ConversationLog:
             self._tail_start += cut
 
     def _signal_commit(self) -> None:
+        if not self._waiters:
+            return
         waiters, self._waiters = self._waiters, []
         self._waiters_pruned_at = 0
         for waiter in waiters:
@@ -493,6 +501,29 @@ class ConversationLog:
         pending.add_done_callback(self._reads.discard)
         return await asyncio.shield(pending)
 
+    def add_listener(self, listener: Callable[[int, bytes], None]) -> None:
+        """Call ``listener(offset, block)`` at each commit, synchronously, as soon as the
+        committed offset has moved past ``block`` (the whole records just committed,
+        starting at ``offset``); and ``listener(committed, b"")`` once when the log closes.
+
+        For live readers that hand each commit straight to a socket: no task wakes up per
+        commit. A listener must not block or await; one that raises is logged and removed.
+        """
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[int, bytes], None]) -> None:
+        """Stop calling ``listener`` (no error if it is not listening)."""
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    def _tell_listeners(self, offset: int, block: bytes) -> None:
+        for listener in tuple(self._listeners):
+            try:
+                listener(offset, block)
+            except Exception:
+                logger.exception("%s: commit listener %r failed; removed", self.path, listener)
+                self.remove_listener(listener)
+
     def next_commit(self) -> asyncio.Future[None]:
         """A future that resolves at the log's next commit, failure or close.
 
@@ -543,6 +574,7 @@ class ConversationLog:
             await self.next_commit()
         self._closed = True
         self._signal_commit()
+        self._tell_listeners(self._committed, b"")
         if self._fd is not None:
             os.close(self._fd)  # releases the flock
             self._fd = None

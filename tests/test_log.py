@@ -203,3 +203,32 @@ async def test_create_is_exclusive(tmp_path):
     with pytest.raises(FileExistsError):
         await new_log(tmp_path)
     await log.close()
+
+
+async def test_commit_listeners_are_told_each_commit_after_it_moved_and_the_close(tmp_path, caplog):
+    log = await new_log(tmp_path)
+    seen: list[tuple[int, bytes, int]] = []
+
+    def listener(offset: int, block: bytes) -> None:
+        seen.append((offset, block, log.committed))
+
+    def broken(offset: int, block: bytes) -> None:
+        raise RuntimeError("listener bug")
+
+    log.add_listener(broken)
+    log.add_listener(listener)
+    start = log.committed
+    end = await log.append(records.user(message_id="m1", text="one"))
+    assert seen == [(start, await log.read(start), end)]  # the offset had moved already
+    assert "listener bug" in caplog.text
+    caplog.clear()
+    later = await log.append(records.user(message_id="m2", text="two"))
+    assert seen[-1] == (end, await log.read(end), later)
+    assert "listener bug" not in caplog.text  # the broken one was removed, once
+    log.remove_listener(listener)
+    log.remove_listener(listener)  # not listening: no error
+    await log.append(records.user(message_id="m3", text="three"))
+    assert len(seen) == 2
+    log.add_listener(listener)
+    await log.close()
+    assert seen[-1] == (log.committed, b"", log.committed)

@@ -39,8 +39,22 @@ def test_frame_records_exact_bytes():
     block = b'{"type":"user","ts":1,"id":"u","text":"a"}\n{"ts":2,"type":"odd"}\n'
     assert sse.frame_records(100, block) == (
         b'id: 143\nevent: user\ndata: {"type":"user","ts":1,"id":"u","text":"a"}\n\n'
-        b'id: 165\nevent: odd\ndata: {"ts":2,"type":"odd"}\n\n'
+        b'id: 165\nevent: odd\ndata: {"ts":2,"type":"odd"}\n\n',
+        len(block),
+        False,
     )
+
+
+def test_frame_records_stops_after_the_end_of_the_reply_asked_for():
+    other_end = b'{"type":"end","ts":1,"id":"r1","finish":"stop"}\n'
+    end = b'{"type":"end","ts":2,"id":"r2","finish":"stop"}\n'
+    after = b'{"type":"user","ts":3,"id":"u","text":"next"}\n'
+    framed = sse.frame_records(0, other_end + end + after, until_end_of="r2")
+    assert framed.size == len(other_end + end)
+    assert framed.ended
+    assert framed.events.count(b"event: end\n") == 2
+    assert b"event: user" not in framed.events
+    assert sse.frame_records(0, other_end + after, until_end_of="r2").ended is False
 
 
 async def test_stream_headers_and_exact_bytes_after_reply(make_client):
@@ -107,6 +121,50 @@ async def test_post_with_accept_event_stream_streams_the_reply(make_client):
     assert kinds == ["user", "title", "start"] + ["chunk"] * 8 + ["end"]  # first message titles
     log = await (await client.get(f"/api/conversations/{conversation_id}/log")).read()
     assert int(reader.events[-1].id) == len(log)
+
+
+def dechunk(body: bytes) -> bytes:
+    """The payload of an HTTP/1.1 chunked body (RFC 9112 §7.1), checking its framing."""
+    out, position = [], 0
+    while True:
+        line_end = body.index(b"\r\n", position)
+        size = int(body[position:line_end], 16)
+        start = line_end + 2
+        assert body[start + size : start + size + 2] == b"\r\n"
+        if size == 0:
+            assert start + 2 == len(body)
+            return b"".join(out)
+        out.append(body[start : start + size])
+        position = start + size + 2
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+async def test_live_events_are_byte_exact_over_http_1_1_and_1_0(make_client, version):
+    # Paced, so chunks commit while the stream is caught up: they are pushed to the
+    # socket by the commit itself (HTTP/1.1: chunked; HTTP/1.0: not chunked, ends at close).
+    client = await make_client(demo_reply_tokens=12, demo_tokens_per_s=100, retry_ms=700)
+    conversation_id = await create_conversation(client)
+    body = b'{"text": "hi"}'
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        b"POST /api/conversations/%s/messages HTTP/%s\r\nHost: t\r\nConnection: close\r\n"
+        b"Accept: text/event-stream\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s"
+        % (conversation_id.encode(), version.encode(), len(body), body)
+    )
+    raw = await asyncio.wait_for(reader.read(), 30)  # the server closes after the end
+    writer.close()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/%s 200" % version.encode())
+    if version == "1.1":
+        assert b"Transfer-Encoding: chunked" in head
+        assert payload.count(b"\r\n") > 2 * 12  # many chunks: events went out as they came
+        payload = dechunk(payload)
+    else:
+        assert b"Transfer-Encoding" not in head
+    log = await (await client.get(f"/api/conversations/{conversation_id}/log")).read()
+    start = log.index(b'{"type":"user"')
+    assert payload == expected_stream(log, start, 700)
 
 
 @pytest.mark.parametrize(
