@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
+import itertools
 import random
 from collections.abc import AsyncIterator
 
@@ -97,6 +99,47 @@ _WORDS = [
 ]
 
 
+class Pacer:
+    """Wakes paced streams at their due times from one loop timer.
+
+    A heap of ``(due, sequence, future)``; one ``call_at`` armed for the earliest due time,
+    which on firing wakes every stream then due. 1,000 demo replies at 20 tokens/s would
+    otherwise arm and free 20,000 loop timers a second (about 7 us each with uvloop,
+    against 3.5 us here): CPU a real provider, reading tokens from a socket, never spends.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._heap: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._sequence = itertools.count()
+        self._timer: asyncio.Handle | None = None  # uvloop: a plain Handle when due
+        self._timer_due = 0.0
+
+    def until(self, due: float) -> asyncio.Future[None]:
+        """A future that resolves at loop time ``due`` (s) or soon after."""
+        future = self._loop.create_future()
+        heapq.heappush(self._heap, (due, next(self._sequence), future))
+        if self._timer is None or due < self._timer_due:
+            self._arm(due)
+        return future
+
+    def _arm(self, due: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(due, self._fire)
+        self._timer_due = due
+
+    def _fire(self) -> None:
+        self._timer = None
+        now, heap = self._loop.time(), self._heap
+        while heap and heap[0][0] <= now:
+            future = heapq.heappop(heap)[2]
+            if not future.done():  # a cancelled stream cancels its future
+                future.set_result(None)
+        if heap:
+            self._arm(heap[0][0])
+
+
 class DemoProvider:
     """Deterministic made-up replies.
 
@@ -112,6 +155,7 @@ class DemoProvider:
             raise ValueError("tokens_per_s must be >= 0 and reply_tokens >= 1")
         self.tokens_per_s = tokens_per_s
         self.reply_tokens = reply_tokens
+        self._pacer: Pacer | None = None
 
     async def start(self) -> None:
         return None
@@ -127,6 +171,9 @@ class DemoProvider:
         seed = hashlib.sha256(repr(messages).encode()).digest()
         rng = random.Random(seed)
         loop = asyncio.get_running_loop()
+        if self._pacer is None or self._pacer._loop is not loop:
+            self._pacer = Pacer()
+        pacer = self._pacer
         interval = 1.0 / self.tokens_per_s if self.tokens_per_s else 0.0
         due = loop.time()
         capital = True
@@ -140,7 +187,7 @@ class DemoProvider:
             capital = end_sentence
             if interval:
                 due += interval
-                await asyncio.sleep(max(0.0, due - loop.time()))
+                await pacer.until(due)
             else:
                 await asyncio.sleep(0)
             yield Delta(text=token)
