@@ -86,7 +86,7 @@ class GroupCommit:
         """Commit ``log``'s queued records in the next pass (the log calls this when its
         queue stops being empty)."""
         self._dirty[log] = None
-        if self._task is None:
+        if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="group commit")
         elif self._wake is not None and not self._wake.done():
             self._wake.set_result(None)

@@ -20,7 +20,6 @@ further back ``pread`` the file, so a lagging reader costs no memory per record.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import fcntl
 import logging
@@ -136,7 +135,7 @@ class ConversationLog:
         self._last_pass = 0.0  # loop time the group commit last took this log's records
         self._waiters: list[asyncio.Future[None]] = []  # see next_commit()
         self._waiters_pruned_at = 0
-        self._listeners: list[Callable[[int, bytes], None]] = []
+        self._listeners: dict[Callable[[int, bytes], None], None] = {}  # an ordered set
         self._tail = bytearray(tail)  # the last committed bytes
         self._tail_start = committed - len(tail)
         self._reads: set[asyncio.Future[bytes]] = set()
@@ -509,12 +508,11 @@ class ConversationLog:
         For live readers that hand each commit straight to a socket: no task wakes up per
         commit. A listener must not block or await; one that raises is logged and removed.
         """
-        self._listeners.append(listener)
+        self._listeners[listener] = None
 
     def remove_listener(self, listener: Callable[[int, bytes], None]) -> None:
         """Stop calling ``listener`` (no error if it is not listening)."""
-        with contextlib.suppress(ValueError):
-            self._listeners.remove(listener)
+        self._listeners.pop(listener, None)
 
     def _tell_listeners(self, offset: int, block: bytes) -> None:
         for listener in tuple(self._listeners):
