@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 
 RUNS = {
     "p1_fast_stream": (["--rounds", "3"], ["--rounds", "1", "--events", "5000"]),
-    "p2_many_replies": (["--rounds", "1", "--profile"], ["--rounds", "1", "--tokens", "60"]),
+    "p2_many_replies": (["--rounds", "3", "--profile"], ["--rounds", "1", "--tokens", "60"]),
     "p3_resume": (["--rounds", "20"], ["--rounds", "5", "--mb", "20"]),
     "p4_idle": (["--rounds", "1"], ["--rounds", "1", "--connections", "2000"]),
 }
