@@ -30,8 +30,8 @@ import orjson
 __all__ = [
     "HEADERS",
     "KEEPALIVE",
-    "StartOffsetError",
     "Framed",
+    "StartOffsetError",
     "frame_records",
     "records_in",
     "retry",

@@ -109,7 +109,8 @@ class Pacer:
     """
 
     def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
+        """The event loop whose time ``due`` is in."""
         self._heap: list[tuple[float, int, asyncio.Future[None]]] = []
         self._sequence = itertools.count()
         self._timer: asyncio.Handle | None = None  # uvloop: a plain Handle when due
@@ -117,7 +118,7 @@ class Pacer:
 
     def until(self, due: float) -> asyncio.Future[None]:
         """A future that resolves at loop time ``due`` (s) or soon after."""
-        future = self._loop.create_future()
+        future = self.loop.create_future()
         heapq.heappush(self._heap, (due, next(self._sequence), future))
         if self._timer is None or due < self._timer_due:
             self._arm(due)
@@ -126,12 +127,12 @@ class Pacer:
     def _arm(self, due: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = self._loop.call_at(due, self._fire)
+        self._timer = self.loop.call_at(due, self._fire)
         self._timer_due = due
 
     def _fire(self) -> None:
         self._timer = None
-        now, heap = self._loop.time(), self._heap
+        now, heap = self.loop.time(), self._heap
         while heap and heap[0][0] <= now:
             future = heapq.heappop(heap)[2]
             if not future.done():  # a cancelled stream cancels its future
@@ -171,7 +172,7 @@ class DemoProvider:
         seed = hashlib.sha256(repr(messages).encode()).digest()
         rng = random.Random(seed)
         loop = asyncio.get_running_loop()
-        if self._pacer is None or self._pacer._loop is not loop:
+        if self._pacer is None or self._pacer.loop is not loop:
             self._pacer = Pacer()
         pacer = self._pacer
         interval = 1.0 / self.tokens_per_s if self.tokens_per_s else 0.0
