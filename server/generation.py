@@ -92,7 +92,8 @@ class Replies:
 
     async def send(self, conversation_id: str, log: ConversationLog, text: str) -> Started:
         """Append a ``user`` record and start the reply to it. The first message of an
-        untitled conversation also appends a ``title`` record (:func:`title_from`).
+        untitled conversation also appends a ``title`` record (:func:`title_from`) in the
+        same commit. Returns once they are committed; the reply's ``start`` follows.
 
         :raises ReplyRunningError: a reply is running (nothing was appended).
         :raises storage.LogError: the log cannot take the message (nothing was started),
@@ -107,9 +108,13 @@ class Replies:
         self._running[conversation_id] = reply  # claimed before the first await
         try:
             message = records.user(message_id=new_id(), text=text)
-            after = await log.append(message)
-            if not log.summary.title and log.summary.user_messages == 1:
-                await log.append(records.title(title=title_from(text)))
+            # No other writer appends to this log now (the reply slot is claimed), so the
+            # summary is the log's; the title, if any, shares the message's commit.
+            first = not log.summary.title and log.summary.user_messages == 0
+            committed = log.append_nowait(message)
+            if first:
+                await log.append_nowait(records.title(title=title_from(text)))
+            after = await committed
         except BaseException:
             del self._running[conversation_id]
             reply.created.set()
@@ -163,7 +168,10 @@ class Replies:
         model = log.summary.model or self.provider.model
         finish, usage, error = "stop", None, None
         try:
-            await log.append(
+            # Queued, not awaited: it commits before any chunk, and the prompt is built from
+            # committed records, where the message already is (an unfinished reply is
+            # left out of it anyway).
+            log.append_nowait(
                 records.start(reply_id=reply.reply_id, reply_to=message_id, model=model)
             )
             if reply.stop_requested:  # stopped before it began
