@@ -138,6 +138,8 @@ class EventStream:
         idle = self._idle = IdleTimer(self._keepalive)
         try:
             await response.prepare(self._request)
+            if self._request.method == "HEAD":
+                return response  # the headers only: a HEAD response has no body
             await response.write(sse.retry(self._retry_ms))
             while not self._ended:
                 if self.position < log.committed:

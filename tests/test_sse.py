@@ -167,6 +167,23 @@ async def test_live_events_are_byte_exact_over_http_1_1_and_1_0(make_client, ver
     assert payload == expected_stream(log, start, 700)
 
 
+async def test_head_of_an_event_stream_is_headers_only_and_the_connection_goes_on(make_client):
+    client = await make_client(demo_reply_tokens=3)
+    conversation_id = await create_conversation(client)
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        b"HEAD /api/conversations/%s/events HTTP/1.1\r\nHost: t\r\n\r\n"
+        b"GET /api/health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        % conversation_id.encode()
+    )
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head
+    assert rest.startswith(b"HTTP/1.1 200")  # no body before the next response
+    assert b"retry:" not in raw and b"event:" not in raw
+
+
 @pytest.mark.parametrize(
     "header,status,code",
     [
