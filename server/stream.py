@@ -17,10 +17,9 @@ Why push: aiohttp's ``StreamResponse.write`` is a coroutine, so pulling costs a 
 wake-up, a future and a coroutine resume per event per stream. With 1,000 live replies
 (bench P2, 20,000 events/s on one event loop) push took the p99 latency from provider to
 client from 173 ms to 22 ms. Push writes the HTTP/1.1 chunk framing itself (RFC 9112
-§7.1, ``<hex size>\\r\\n<data>\\r\\n``, the framing aiohttp's writer uses for the rest of
-the response, which has chunked encoding enabled explicitly and is never compressed); an
-HTTP/1.0 response is not chunked and is written as it is. aiohttp's access log counts
-only the bytes it wrote itself.
+§7.1, ``<hex size>\\r\\n<data>\\r\\n``, the framing aiohttp's writer chose for the rest of
+the response, which is never compressed); an HTTP/1.0 response is not chunked and is
+written as it is. aiohttp's access log counts only the bytes it wrote itself.
 """
 
 from __future__ import annotations
@@ -28,9 +27,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aiohttp import HttpVersion11, web
+from aiohttp import hdrs, web
 
-from storage import ConversationLog
+from storage import ConversationLog, LogClosedError
 
 from . import sse
 
@@ -123,7 +122,7 @@ class EventStream:
         self._keepalive = keepalive
         self._retry_ms = retry_ms
         self._until_end_of = until_end_of
-        self._chunked = request.version >= HttpVersion11
+        self._chunked = False  # known once the response is prepared
         self._ended = False
         self._waiter: asyncio.Future[None] | None = None
         self._idle: IdleTimer | None = None
@@ -133,13 +132,14 @@ class EventStream:
         failed (headers are sent by then: EventSource reconnects with Last-Event-ID)."""
         log = self._log
         response = web.StreamResponse(headers=sse.HEADERS)
-        if self._chunked:
-            response.enable_chunked_encoding()  # push writes the same chunk framing
         idle = self._idle = IdleTimer(self._keepalive)
         try:
             await response.prepare(self._request)
             if self._request.method == "HEAD":
                 return response  # the headers only: a HEAD response has no body
+            # aiohttp chose the body's framing (chunked for HTTP/1.1 and later, as it
+            # sends no Content-Length); push writes the same.
+            self._chunked = response.headers.get(hdrs.TRANSFER_ENCODING) == "chunked"
             await response.write(sse.retry(self._retry_ms))
             while not self._ended:
                 if self.position < log.committed:
@@ -156,6 +156,8 @@ class EventStream:
                     idle.sent()
         except ConnectionError:
             pass  # the client left; the reply (if any) goes on without it
+        except LogClosedError:
+            pass  # shutdown while this stream was behind: it resumes after the restart
         except Exception:
             logger.exception("event stream of %s failed at offset %d", log.path.name, self.position)
         finally:

@@ -24,9 +24,12 @@ costs about 1 ms. It flushes the whole file system, so it is used only when seve
 wait: a single busy conversation keeps its own ``fdatasync``.
 
 Failure (DESIGN.md "Durability"): a failed ``write`` fails that log; a failed
-``fdatasync`` fails that log; a failed ``syncfs`` fails every log whose records it was to
-make durable in that pass, since which file's data was lost cannot be told. A failed log
-takes no more appends; its committed records stay readable; nothing is retried.
+``fdatasync`` fails that log. A failed ``syncfs`` says only that some file of the file
+system lost data (maybe not ours), so the pass then ``fdatasync``s each of its logs, and
+exactly the logs whose own data was lost fail. ``syncfs`` is called on a directory fd the
+group commit keeps for that file system, so one error is reported once, not once per log.
+A failed log takes no more appends; its committed records stay readable; nothing is
+retried.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .durability import Durability, FileIO, syncfs_reports_errors
+from .durability import Durability, FileIO, syncfs_reports_errors, syncfs_trusted
 
 if TYPE_CHECKING:
     from .log import ConversationLog
@@ -77,6 +82,7 @@ class GroupCommit:
         """Passes run so far (for tests and benchmarks)."""
         self.syncfs_calls = 0
         """``syncfs`` calls made so far (for tests and benchmarks)."""
+        self._syncfs_fds: dict[int, int | None] = {}  # st_dev -> a directory's fd, or None
         self._dirty: dict[ConversationLog, None] = {}  # insertion-ordered set
         self._wake: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -98,6 +104,10 @@ class GroupCommit:
             self._wake.set_result(None)
         if self._task is not None:
             await asyncio.shield(self._task)
+        fds, self._syncfs_fds = self._syncfs_fds, {}
+        for fd in fds.values():
+            if fd is not None:
+                os.close(fd)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -113,13 +123,19 @@ class GroupCommit:
             logs, self._dirty = list(self._dirty), {}
             try:
                 await self._pass(logs)
-            except Exception as exc:  # a bug here would otherwise hang every log
-                logger.exception("group commit pass failed")
-                for log in logs:
-                    if log._writing:
-                        error = OSError(errno.EIO, f"group commit failed: {exc!r}")
-                        log._fail(error, log._writing)
+            except BaseException as exc:  # a bug, or cancelled: never leave a log hanging
+                if not isinstance(exc, asyncio.CancelledError):
+                    logger.exception("group commit pass failed")
+                stuck = [log for log in logs if log._writing]
+                for log in stuck:
+                    log._fail(OSError(errno.EIO, f"group commit failed: {exc!r}"), log._writing)
+                try:
+                    await asyncio.to_thread(_discard_uncommitted, stuck)
+                finally:
+                    for log in stuck:
                         log._pass_done()
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
 
     async def _coalesce(self, now: float) -> None:
         # A log whose previous pass was under 2 ms ago is busy (a fast stream): let the
@@ -142,6 +158,10 @@ class GroupCommit:
         batches = [(log, log._take_batch()) for log in logs]
         batches = [(log, batch) for log, batch in batches if batch]
         datas = [b"".join(line for _, line, _ in batch) for _, batch in batches]
+        if self.durability is Durability.FSYNC and self.use_syncfs:
+            for log, _ in batches:  # opened before the writes it is to report on
+                if log._device not in self._syncfs_fds:
+                    self._syncfs_fds[log._device] = _syncfs_fd(log.path.parent)
         # The writes are page-cache copies of a few hundred bytes: on the loop they cost
         # less than handing them to a thread, which would contend for the GIL once per
         # call while the loop is busy.
@@ -183,20 +203,37 @@ class GroupCommit:
             assert fd is not None
             devices.setdefault(device, []).append((k, fd))
         errors = []
-        for logs in devices.values():
-            if self.use_syncfs and len(logs) >= SYNCFS_MIN_LOGS:
+        for device, logs in devices.items():
+            syncfs_fd = self._syncfs_fds.get(device)
+            if syncfs_fd is not None and len(logs) >= SYNCFS_MIN_LOGS:
                 self.syncfs_calls += 1
                 try:
-                    self.file_io.syncfs(logs[0][1])
+                    self.file_io.syncfs(syncfs_fd)
+                    continue
                 except OSError as exc:
-                    errors.extend((k, exc) for k, _ in logs)
-                continue
+                    # Some file of this file system lost data: maybe one of these logs,
+                    # maybe any other file. Each log's own fdatasync tells (it reports
+                    # that file's write-back errors, once per open file).
+                    logger.warning("syncfs failed (%s); syncing %d logs one by one", exc, len(logs))
             for k, fd in logs:
                 try:
                     self.file_io.fdatasync(fd)
                 except OSError as exc:
                     errors.append((k, exc))
         return errors
+
+
+def _syncfs_fd(directory: Path) -> int | None:
+    """A file of our own on ``directory``'s file system to call ``syncfs`` on, or ``None``
+    where ``syncfs`` is not to be trusted (:func:`~storage.durability.syncfs_trusted`).
+
+    Our own, opened before the writes it syncs: ``syncfs`` reports a write-back error once
+    per open file, so calling it on a log's fd would make every log's first pass after
+    any error (in any file of that file system) fail again.
+    """
+    if not syncfs_trusted(directory):
+        return None
+    return os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
 
 
 def _discard_uncommitted(logs: list[ConversationLog]) -> None:

@@ -15,7 +15,12 @@ import os
 import platform
 from pathlib import Path
 
-__all__ = ["Durability", "FileIO", "syncfs_reports_errors"]
+__all__ = ["SYNCFS_FILESYSTEMS", "Durability", "FileIO", "syncfs_reports_errors", "syncfs_trusted"]
+
+SYNCFS_FILESYSTEMS = frozenset({"ext4", "xfs", "btrfs", "f2fs", "tmpfs"})
+"""Local file systems whose ``syncfs`` writes every file's data and metadata to stable
+storage as ``fdatasync`` would. Not FUSE and network file systems, whose ``syncfs`` may
+not reach the server that holds the data."""
 
 
 class Durability(enum.StrEnum):
@@ -94,3 +99,26 @@ def syncfs_reports_errors() -> bool:
     except (ValueError, AttributeError, OSError):
         return False
     return release >= (5, 8)
+
+
+def syncfs_trusted(directory: Path) -> bool:
+    """Whether the log may use ``syncfs`` for files in ``directory``: the kernel reports
+    its errors (:func:`syncfs_reports_errors`) and the file system is one of
+    :data:`SYNCFS_FILESYSTEMS` (looked up by device in ``/proc/self/mountinfo``)."""
+    return syncfs_reports_errors() and filesystem_type(directory) in SYNCFS_FILESYSTEMS
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type (``ext4``, ``fuse.sshfs``, ...) of the mount holding ``path``, from
+    ``/proc/self/mountinfo`` (proc(5)); ``None`` when it cannot be told."""
+    device = os.stat(path).st_dev
+    wanted = f"{os.major(device)}:{os.minor(device)}"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+            for line in mounts:
+                fields, _, rest = line.partition(" - ")
+                if fields.split()[2:3] == [wanted] and rest:
+                    return rest.split()[0]
+    except OSError:
+        return None
+    return None

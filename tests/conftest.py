@@ -35,25 +35,28 @@ class Fault:
 
 class FaultyIO(FileIO):
     """A :class:`FileIO` whose ``write_all``/``fdatasync``/``syncfs`` can fail, tear or
-    slow down. ``fdatasync`` and ``syncfs`` are both the ``"sync"`` kind of call.
+    slow down: the kinds of call ``"write"``, ``"sync"`` (``fdatasync``) and ``"syncfs"``.
 
-    :ivar target: when set, only calls on files whose path contains it are counted,
-        faulted or slowed; other files go straight through.
-    :ivar calls: counted calls per kind (``"write"``, ``"sync"``).
+    :ivar target: when set, only writes and syncs of files whose path contains it are
+        counted, faulted or slowed; other files go straight through. (``syncfs`` is of
+        a whole file system: always counted.)
+    :ivar calls: counted calls per kind.
     :ivar calls_after_fault: calls per kind made after that kind's fault fired.
     :ivar sync_delay: seconds each counted sync sleeps first.
     :ivar on_sync: called with the fd after each successful counted sync.
-    :ivar syncfs_calls: ``syncfs`` calls, counted or not.
+    :ivar syncfs_calls: ``syncfs`` calls.
+    :ivar syncfs_paths: what each ``syncfs`` was called on.
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.target: str | None = None
-        self.calls = {"write": 0, "sync": 0}
-        self.calls_after_fault = {"write": 0, "sync": 0}
+        self.calls = {"write": 0, "sync": 0, "syncfs": 0}
+        self.calls_after_fault = {"write": 0, "sync": 0, "syncfs": 0}
         self.faults: dict[str, Fault] = {}
         self.sync_delay = 0.0
         self.syncfs_calls = 0
+        self.syncfs_paths: list[Path] = []
         self.on_sync: Callable[[int], None] | None = None
 
     def arm(
@@ -66,7 +69,8 @@ class FaultyIO(FileIO):
         partial: bool = False,
         when: Callable[[bytes], bool] | None = None,
     ) -> None:
-        """Fail a future ``call`` (``"write"`` or ``"sync"``) with ``OSError(errno)``.
+        """Fail a future ``call`` (``"write"``, ``"sync"``, ``"syncfs"``) with
+        ``OSError(errno)``.
 
         :param skip: let this many matching calls succeed first.
         :param persistent: every later call of that kind fails too (else only one).
@@ -106,22 +110,24 @@ class FaultyIO(FileIO):
         super().write_all(fd, data)
 
     def fdatasync(self, fd: int) -> None:
-        self._sync(fd, super().fdatasync)
-
-    def syncfs(self, fd: int) -> None:
-        self.syncfs_calls += 1
-        self._sync(fd, super().syncfs)
-
-    def _sync(self, fd: int, sync: Callable[[int], None]) -> None:
         if not self._targeted(fd):
-            return sync(fd)
+            return super().fdatasync(fd)
         if self.sync_delay:
             time.sleep(self.sync_delay)
         if (fault := self._check("sync")) is not None:
             raise OSError(fault.errno, os.strerror(fault.errno))
-        sync(fd)
+        super().fdatasync(fd)
         if self.on_sync is not None:
             self.on_sync(fd)
+
+    def syncfs(self, fd: int) -> None:
+        self.syncfs_calls += 1
+        self.syncfs_paths.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        if self.sync_delay:
+            time.sleep(self.sync_delay)
+        if (fault := self._check("syncfs")) is not None:
+            raise OSError(fault.errno, os.strerror(fault.errno))
+        super().syncfs(fd)
 
 
 @pytest.fixture

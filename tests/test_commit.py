@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from storage import ConversationLog, Durability, LogFailedError, records
+from storage import ConversationLog, Durability, FileIO, LogFailedError, records
 from storage.commit import SYNCFS_MIN_LOGS, GroupCommit
-from storage.durability import syncfs_reports_errors
+from storage.durability import syncfs_trusted
 
 from .conftest import FaultyIO
 
-needs_syncfs = pytest.mark.skipif(not syncfs_reports_errors(), reason="needs Linux 5.8+")
+needs_syncfs = pytest.mark.skipif(
+    not syncfs_trusted(Path(__file__).parent), reason="needs Linux 5.8+ on a local file system"
+)
 
 
 async def open_logs(directory: Path, commit: GroupCommit, count: int) -> list[ConversationLog]:
@@ -52,7 +54,8 @@ async def test_many_logs_commit_in_one_pass_with_one_syncfs(tmp_path):
     passes, syncs = commit.passes, io.calls["sync"]
     offsets = await append_to_each(logs, "together")
     assert commit.passes == passes + 1
-    assert io.syncfs_calls == 1 and io.calls["sync"] == syncs + 1
+    assert io.calls["syncfs"] == 1 and io.calls["sync"] == syncs  # no fdatasync
+    assert io.syncfs_paths == [tmp_path]  # on a directory of its own, not on a log
     for log, offset in zip(logs, offsets, strict=True):
         assert offset == log.committed
         assert (await log.read()).endswith(b'"text":"together"}\n')
@@ -72,26 +75,32 @@ async def test_few_logs_keep_one_fdatasync_each(tmp_path):
 
 
 @needs_syncfs
-async def test_a_failed_syncfs_fails_every_log_of_its_pass_and_shows_nothing(tmp_path):
+async def test_a_failed_syncfs_fails_only_the_logs_whose_own_fdatasync_fails(tmp_path):
     io = FaultyIO()
     commit = GroupCommit(file_io=io)
     logs = await open_logs(tmp_path, commit, 6)
     before = [log.committed for log in logs]
-    io.arm("sync", errno=errno.EIO, persistent=False)  # one failure: the syncfs
+    io.arm("syncfs", errno=errno.EIO, persistent=False)  # some file lost data...
+    io.target = "c2.jsonl"
+    io.arm("sync", errno=errno.EIO)  # ...and it was c2's
+    syncs = io.calls["sync"]
     results = await append_to_each(logs, "maybe lost")
-    assert all(isinstance(r, LogFailedError) and r.errno == errno.EIO for r in results)
-    # The sync works again: a log that was not in that pass commits (in a later pass:
-    # the failed pass, cleanup included, is over when it returns).
-    (tmp_path / "later").mkdir()
-    (later,) = await open_logs(tmp_path / "later", commit, 1)
-    await later.append(records.user(message_id="m", text="fine"))
-    for log, committed in zip(logs, before, strict=True):
-        assert log.failure is not None
-        assert log.committed == committed
-        assert b"maybe lost" not in await log.read()
-        assert log.path.stat().st_size == committed  # cut back; the bytes kept aside
-        assert list(tmp_path.glob(f"{log.path.name}.failed-*"))
-    await close([*logs, later], commit)
+    assert isinstance(results[2], LogFailedError) and results[2].errno == errno.EIO
+    assert io.calls["sync"] == syncs + 1  # then each log was synced on its own (c2 counted)
+    for k, (log, result) in enumerate(zip(logs, results, strict=True)):
+        if k != 2:
+            assert result == log.committed
+            assert (await log.read()).endswith(b'"text":"maybe lost"}\n')
+    # The error was reported once: the next pass of the healthy logs uses syncfs again.
+    healthy = [log for k, log in enumerate(logs) if k != 2]
+    assert all(isinstance(r, int) for r in await append_to_each(healthy, "next"))
+    assert io.calls["syncfs"] == 2
+    failed = logs[2]
+    assert failed.committed == before[2]
+    assert b"maybe lost" not in await failed.read()
+    assert failed.path.stat().st_size == before[2]  # cut back; the bytes kept aside
+    assert list(tmp_path.glob(f"{failed.path.name}.failed-*"))
+    await close(logs, commit)
 
 
 async def test_a_failed_write_fails_only_its_log_in_a_shared_pass(tmp_path):
@@ -110,15 +119,22 @@ async def test_a_failed_write_fails_only_its_log_in_a_shared_pass(tmp_path):
 
 
 @pytest.mark.parametrize("durability", list(Durability))
-async def test_a_fast_log_is_batched_while_slow_logs_commit_with_it(tmp_path, durability):
+async def test_a_fast_stream_is_committed_in_batches_and_slow_logs_with_it(tmp_path, durability):
+    # A provider as fast as the loop: one record per loop tick. Under flush a write takes
+    # microseconds, so without coalescing every tick would be a pass of one record.
     commit = GroupCommit(durability=durability)
     fast, *slow = await open_logs(tmp_path, commit, 3)
-    pending = [fast.append_nowait(records.chunk(reply_id="r", i=i, text="x")) for i in range(500)]
-    await asyncio.sleep(0)
-    await append_to_each(slow, "slow")
+    passes = commit.passes
+    pending = []
+    for i in range(320):
+        pending.append(fast.append_nowait(records.chunk(reply_id="r", i=i, text="x")))
+        if i == 100:
+            slow_done = asyncio.ensure_future(append_to_each(slow, "slow"))
+        await asyncio.sleep(0)
     offsets = await asyncio.gather(*pending)
     assert offsets == sorted(offsets) and offsets[-1] == fast.committed
-    assert commit.passes < 100  # 500 records, far fewer passes
+    assert all(isinstance(r, int) for r in await slow_done)
+    assert commit.passes - passes <= 320 // 8  # batches of many records
     await close([fast, *slow], commit)
 
 
@@ -132,3 +148,33 @@ async def test_a_log_refuses_a_shared_commit_with_its_own_policy(tmp_path):
             durability=Durability.FLUSH,
         )
     await commit.close()
+
+
+async def test_an_unexpected_error_in_a_pass_fails_its_logs_and_leaves_nothing_behind(
+    tmp_path, caplog
+):
+    class BuggyIO(FileIO):
+        armed = False
+
+        def fdatasync(self, fd: int) -> None:
+            if self.armed:
+                raise ValueError("a bug in the sync layer")
+            super().fdatasync(fd)
+
+    io = BuggyIO()
+    commit = GroupCommit(file_io=io)
+    (log,) = await open_logs(tmp_path, commit, 1)
+    committed = log.committed
+    io.armed = True
+    with pytest.raises(LogFailedError):
+        await log.append(records.user(message_id="m", text="never committed"))
+    assert "group commit pass failed" in caplog.text
+    io.armed = False
+    (tmp_path / "other").mkdir()
+    (other,) = await open_logs(tmp_path / "other", commit, 1)
+    await other.append(records.user(message_id="m", text="the group commit goes on"))
+    await close([log, other], commit)
+    assert log.path.stat().st_size == committed  # the unsynced bytes were cut
+    reopened = await ConversationLog.open(log.path)
+    assert b"never committed" not in await reopened.read()
+    await reopened.close()

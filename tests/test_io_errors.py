@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 
-from storage import FileIO, records
+from storage import ConversationLog, FileIO, records
 from storage.verify import verify_dir
 
 from .conftest import FaultyIO, create_conversation, wait_idle
@@ -46,7 +47,7 @@ async def test_io_error_in_the_write_path(make_client, data_dir, call, err, pers
     assert shown == log  # every record shown is committed, and nothing past the failure
     assert int(reader.events[-1].id) == len(log)
     assert b'"type":"chunk"' in log and b'"type":"end"' not in log
-    assert io.calls_after_fault == {"write": 0, "sync": 0}  # nothing retried
+    assert io.calls_after_fault == {"write": 0, "sync": 0, "syncfs": 0}  # nothing retried
 
     body = await wait_idle(client, victim)
     assert body["writable"] is False and body["offset"] == len(log)
@@ -146,3 +147,82 @@ async def test_real_full_disk(make_client, tmp_path):
         assert response.status == 202
         assert (await wait_idle(client, victim))["messages"][-1]["finish"] == "stop"
         await client.close()
+
+
+@contextlib.contextmanager
+def ext4_on_a_full_disk(path: Path):
+    """A real ext4 whose disk can run out of room under it: an image on a 40 MiB tmpfs,
+    attached to a loop device. Filling the tmpfs makes the kernel's write-back of new
+    blocks fail (ENOSPC), as a thin-provisioned or dying disk would. Needs root."""
+    back = path / "back"
+    with small_tmpfs(back, "40m"):
+        image = back / "disk.img"
+        with open(image, "wb") as f:
+            f.truncate(200 << 20)
+        attach = subprocess.run(
+            ["losetup", "-f", "--show", str(image)], capture_output=True, text=True
+        )
+        if attach.returncode != 0:
+            pytest.skip(f"no loop device here: {attach.stderr.strip()}")
+        device = attach.stdout.strip()
+        mount = path / "ext4"
+        mount.mkdir()
+        try:
+            subprocess.run(
+                ["mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", device],
+                check=True,
+            )
+            subprocess.run(["mount", device, str(mount)], check=True)
+            try:
+                yield mount, back
+            finally:
+                subprocess.run(["umount", "-l", str(mount)], check=False)
+        finally:
+            subprocess.run(["losetup", "-d", device], check=False)
+
+
+def lose_another_files_data(mount: Path, back: Path) -> None:
+    """Make the write-back of a file that is no log fail, then give the room back."""
+    fill = back / "fill"
+    with open(fill, "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+    other = mount / "not-a-log.bin"
+    with open(other, "wb") as f:
+        f.write(b"x" * (4 << 20))
+        f.flush()
+        with pytest.raises(OSError):
+            os.fsync(f.fileno())
+    fill.unlink()
+
+
+async def test_a_write_back_error_in_another_file_fails_no_conversation(tmp_path):
+    # syncfs reports an error of any file of the file system, once per open file: the
+    # group commit must not let it fail conversations whose own data is fine.
+    from storage.commit import GroupCommit
+    from storage.durability import syncfs_trusted
+
+    with ext4_on_a_full_disk(tmp_path) as (mount, back):
+        assert syncfs_trusted(mount)
+        commit = GroupCommit()
+        logs = [
+            await ConversationLog.create(
+                mount / f"c{k}.jsonl",
+                records.conversation(conversation_id=f"c{k}", title="t", model="m", system=None),
+                commit=commit,
+            )
+            for k in range(12)
+        ]
+        await asyncio.to_thread(lose_another_files_data, mount, back)
+        for group in (logs[:4], logs[4:8], logs[8:], logs):
+            results = await asyncio.gather(
+                *(log.append(records.user(message_id="m", text="hi")) for log in group),
+                return_exceptions=True,
+            )
+            assert all(isinstance(r, int) for r in results), results
+        assert commit.syncfs_calls >= 4
+        for log in logs:
+            assert log.failure is None
+            await log.close()
+        await commit.close()
