@@ -65,7 +65,8 @@ class GroupCommit:
     :param durability: the policy every log committed here follows.
     :param file_io: the system-call layer (tests pass a fault-injecting subclass).
     :param use_syncfs: allow ``syncfs(2)`` for passes with many logs; ``None`` (default)
-        allows it where it reports writeback errors (Linux 5.8+).
+        allows it where it reports writeback errors (Linux 5.8+), and then only on file
+        systems :func:`~storage.durability.syncfs_trusted` accepts.
     """
 
     def __init__(
