@@ -142,6 +142,10 @@ async def _log(request: web.Request) -> ConversationLog:
         raise ApiError(404, "not_found", "no such conversation") from None
     except LogClosedError:
         raise ApiError(503, "shutting_down", "the server is shutting down") from None
+    except OSError as exc:  # e.g. the disk lost bytes the log's last writer wrote
+        raise ApiError(
+            503, "log_unavailable", f"this conversation's log cannot be opened: {exc.strerror}"
+        ) from None
 
 
 def _raise_log_error(exc: LogError) -> NoReturn:

@@ -9,8 +9,8 @@ runs *passes*; each pass takes the queued records of every log that has any and
   loop is busy would wait for the GIL after every call);
 * under ``fsync``, then makes them all durable on one worker thread: one ``fdatasync``
   per log, or, when at least :data:`SYNCFS_MIN_LOGS` logs of one file system were
-  written, one ``syncfs(2)`` for that file system (where it reports writeback errors:
-  Linux 5.8 and later).
+  written, one ``syncfs(2)`` for that file system (on Linux 5.17 and later, where it
+  reports every error ``fdatasync`` would, and on local file systems only).
 
 Then, back on the loop, every written log moves its committed offset past its batch and
 wakes its readers. Records queued while a pass is in flight go in the next pass, so the
@@ -56,7 +56,7 @@ COALESCE_WHEN_WITHIN = 0.002
 """Seconds since a log's previous pass under which it counts as busy."""
 SYNCFS_MIN_LOGS = 4
 """Logs of one file system written in a pass from which one ``syncfs`` replaces their
-``fdatasync`` calls (``fsync`` policy, Linux 5.8+)."""
+``fdatasync`` calls (``fsync`` policy, Linux 5.17+)."""
 
 
 class GroupCommit:
@@ -65,7 +65,7 @@ class GroupCommit:
     :param durability: the policy every log committed here follows.
     :param file_io: the system-call layer (tests pass a fault-injecting subclass).
     :param use_syncfs: allow ``syncfs(2)`` for passes with many logs; ``None`` (default)
-        allows it where it reports writeback errors (Linux 5.8+), and then only on file
+        allows it where it reports every error fdatasync would (Linux 5.17+), and only on file
         systems :func:`~storage.durability.syncfs_trusted` accepts.
     """
 
@@ -103,12 +103,14 @@ class GroupCommit:
         self._closing = True
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
-        if self._task is not None:
-            await asyncio.shield(self._task)
-        fds, self._syncfs_fds = self._syncfs_fds, {}
-        for fd in fds.values():
-            if fd is not None:
-                os.close(fd)
+        try:
+            if self._task is not None:
+                await asyncio.shield(self._task)
+        finally:
+            fds, self._syncfs_fds = self._syncfs_fds, {}
+            for fd in fds.values():
+                if fd is not None:
+                    os.close(fd)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -124,7 +126,7 @@ class GroupCommit:
             logs, self._dirty = list(self._dirty), {}
             try:
                 await self._pass(logs)
-            except BaseException as exc:  # a bug, or cancelled: never leave a log hanging
+            except (Exception, asyncio.CancelledError) as exc:  # never leave a log hanging
                 if not isinstance(exc, asyncio.CancelledError):
                     logger.exception("group commit pass failed")
                 stuck = [log for log in logs if log._writing]
@@ -159,10 +161,13 @@ class GroupCommit:
         batches = [(log, log._take_batch()) for log in logs]
         batches = [(log, batch) for log, batch in batches if batch]
         datas = [b"".join(line for _, line, _ in batch) for _, batch in batches]
-        if self.durability is Durability.FSYNC and self.use_syncfs:
+        if self.durability is Durability.FSYNC and self.use_syncfs and not self._closing:
             for log, _ in batches:  # opened before the writes it is to report on
                 if log._device not in self._syncfs_fds:
-                    self._syncfs_fds[log._device] = _syncfs_fd(log.path.parent)
+                    try:
+                        self._syncfs_fds[log._device] = _syncfs_fd(log.path.parent)
+                    except OSError as exc:  # no fd to spare now, say: fdatasync this pass
+                        logger.warning("cannot prepare syncfs for %s: %s", log.path.parent, exc)
         # The writes are page-cache copies of a few hundred bytes: on the loop they cost
         # less than handing them to a thread, which would contend for the GIL once per
         # call while the loop is busy.
@@ -231,6 +236,8 @@ def _syncfs_fd(directory: Path) -> int | None:
     Our own, opened before the writes it syncs: ``syncfs`` reports a write-back error once
     per open file, so calling it on a log's fd would make every log's first pass after
     any error (in any file of that file system) fail again.
+
+    :raises OSError: it cannot be told or opened now (try again later).
     """
     if not syncfs_trusted(directory):
         return None

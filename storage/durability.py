@@ -17,10 +17,11 @@ from pathlib import Path
 
 __all__ = ["SYNCFS_FILESYSTEMS", "Durability", "FileIO", "syncfs_reports_errors", "syncfs_trusted"]
 
-SYNCFS_FILESYSTEMS = frozenset({"ext4", "xfs", "btrfs", "f2fs", "tmpfs"})
+SYNCFS_FILESYSTEMS = frozenset({"ext4", "xfs", "f2fs", "tmpfs"})
 """Local file systems whose ``syncfs`` writes every file's data and metadata to stable
 storage as ``fdatasync`` would. Not FUSE and network file systems, whose ``syncfs`` may
-not reach the server that holds the data."""
+not reach the server that holds the data. (Not btrfs either: a subvolume's ``st_dev``
+matches no line of ``/proc/self/mountinfo``, so its type cannot be told this way.)"""
 
 
 class Durability(enum.StrEnum):
@@ -88,9 +89,12 @@ def _libc() -> ctypes.CDLL:
 
 @functools.cache
 def syncfs_reports_errors() -> bool:
-    """Whether ``syncfs(2)`` is there and reports writeback errors: Linux 5.8 and later
-    (commit 735e4ae5ba28, "vfs: track per-sb writeback errors and report them to
-    syncfs"). Elsewhere the log syncs each file with ``fdatasync``."""
+    """Whether ``syncfs(2)`` is there and reports every error ``fdatasync`` would: Linux
+    5.17 and later. Write-back errors since 5.8 (commit 735e4ae5ba28, "vfs: track per-sb
+    writeback errors and report them to syncfs"); errors of the file system's own sync (a
+    journal commit, a cache flush) since 5.17 (commit 5679897eb104, "vfs: make
+    sync_filesystem return errors from ->sync_fs"). Elsewhere the log syncs each file
+    with ``fdatasync``."""
     if platform.system() != "Linux":
         return False
     try:
@@ -98,27 +102,30 @@ def syncfs_reports_errors() -> bool:
         _libc().syncfs  # noqa: B018 (the symbol exists)
     except (ValueError, AttributeError, OSError):
         return False
-    return release >= (5, 8)
+    return release >= (5, 17)
 
 
 def syncfs_trusted(directory: Path) -> bool:
     """Whether the log may use ``syncfs`` for files in ``directory``: the kernel reports
     its errors (:func:`syncfs_reports_errors`) and the file system is one of
-    :data:`SYNCFS_FILESYSTEMS` (looked up by device in ``/proc/self/mountinfo``)."""
+    :data:`SYNCFS_FILESYSTEMS` (looked up by device in ``/proc/self/mountinfo``).
+
+    :raises OSError: the directory or ``/proc/self/mountinfo`` cannot be read now.
+    """
     return syncfs_reports_errors() and filesystem_type(directory) in SYNCFS_FILESYSTEMS
 
 
 def filesystem_type(path: Path) -> str | None:
     """The type (``ext4``, ``fuse.sshfs``, ...) of the mount holding ``path``, from
-    ``/proc/self/mountinfo`` (proc(5)); ``None`` when it cannot be told."""
+    ``/proc/self/mountinfo`` (proc(5)); ``None`` when no mount has its device.
+
+    :raises OSError: ``path`` or ``/proc/self/mountinfo`` cannot be read.
+    """
     device = os.stat(path).st_dev
     wanted = f"{os.major(device)}:{os.minor(device)}"
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
-            for line in mounts:
-                fields, _, rest = line.partition(" - ")
-                if fields.split()[2:3] == [wanted] and rest:
-                    return rest.split()[0]
-    except OSError:
-        return None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+        for line in mounts:
+            fields, _, rest = line.partition(" - ")
+            if fields.split()[2:3] == [wanted] and rest:
+                return rest.split()[0]
     return None

@@ -215,11 +215,13 @@ class ConversationLog:
         ``durability``, ``file_io`` and ``commit`` are as for :meth:`create`.
 
         :raises FileNotFoundError: no such log.
-        :raises OSError: recovery could not write.
+        :raises OSError: recovery could not write, or (``fsync``) the log's bytes could not
+            be made durable: the disk lost some of them.
         :raises ValueError: ``commit`` given with ``durability`` or ``file_io``.
         """
         commit, owns_commit = _commit_of(durability, file_io, commit)
         file_io = commit.file_io
+        durable = commit.durability is Durability.FSYNC
 
         def open_sync() -> tuple[int | None, Scan, str | None]:
             fd: int | None = os.open(path, os.O_RDWR | os.O_APPEND)
@@ -246,6 +248,12 @@ class ConversationLog:
                     raise FileNotFoundError(path)
                 elif found.torn and fd is not None:
                     cut_torn_tail(path, found, file_io=file_io)
+                if fd is not None and reason is None and durable:
+                    # What the scan read may be in the page cache only: written by a
+                    # process that died before its sync, and then maybe lost by the
+                    # disk's write-back. Make it durable, or learn it was lost, before
+                    # any of it can be shown.
+                    file_io.fdatasync(fd)
             except BaseException:
                 if fd is not None:
                     os.close(fd)

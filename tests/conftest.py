@@ -46,6 +46,7 @@ class FaultyIO(FileIO):
     :ivar on_sync: called with the fd after each successful counted sync.
     :ivar syncfs_calls: ``syncfs`` calls.
     :ivar syncfs_paths: what each ``syncfs`` was called on.
+    :ivar fdatasynced: the file of each ``fdatasync``, counted or not.
     """
 
     def __init__(self) -> None:
@@ -57,6 +58,7 @@ class FaultyIO(FileIO):
         self.sync_delay = 0.0
         self.syncfs_calls = 0
         self.syncfs_paths: list[Path] = []
+        self.fdatasynced: list[Path] = []
         self.on_sync: Callable[[int], None] | None = None
 
     def arm(
@@ -110,6 +112,7 @@ class FaultyIO(FileIO):
         super().write_all(fd, data)
 
     def fdatasync(self, fd: int) -> None:
+        self.fdatasynced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
         if not self._targeted(fd):
             return super().fdatasync(fd)
         if self.sync_delay:

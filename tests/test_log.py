@@ -232,3 +232,21 @@ async def test_commit_listeners_are_told_each_commit_after_it_moved_and_the_clos
     log.add_listener(listener)
     await log.close()
     assert seen[-1] == (log.committed, b"", log.committed)
+
+
+async def test_open_makes_what_it_recovered_durable_or_refuses_it(tmp_path):
+    # The bytes a scan finds may be in the page cache only (their writer died before its
+    # sync) and the disk may have lost them: under fsync, open syncs before any is shown.
+    log = await new_log(tmp_path, durability=Durability.FLUSH)
+    await log.append(records.user(message_id="m1", text="maybe on disk"))
+    await log.close()
+    io = FaultyIO()
+    io.arm("sync", errno=errno.EIO)
+    with pytest.raises(OSError):
+        await ConversationLog.open(log.path, file_io=io)
+    io.disarm()
+    io.fdatasynced.clear()
+    reopened = await ConversationLog.open(log.path, file_io=io)
+    assert io.fdatasynced == [log.path]
+    assert b"maybe on disk" in await reopened.read()
+    await reopened.close()
