@@ -41,7 +41,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .durability import Durability, FileIO, syncfs_reports_errors, syncfs_trusted
+from .durability import Durability, FileIO, syncfs_trusted
 
 if TYPE_CHECKING:
     from .log import ConversationLog
@@ -64,9 +64,8 @@ class GroupCommit:
 
     :param durability: the policy every log committed here follows.
     :param file_io: the system-call layer (tests pass a fault-injecting subclass).
-    :param use_syncfs: allow ``syncfs(2)`` for passes with many logs; ``None`` (default)
-        allows it where it reports every error fdatasync would (Linux 5.17+), and only on file
-        systems :func:`~storage.durability.syncfs_trusted` accepts.
+    :param use_syncfs: allow ``syncfs(2)`` for passes with many logs, on the file systems
+        :func:`~storage.durability.syncfs_trusted` accepts (Linux 5.17+, local).
     """
 
     def __init__(
@@ -74,11 +73,11 @@ class GroupCommit:
         *,
         durability: Durability = Durability.FSYNC,
         file_io: FileIO | None = None,
-        use_syncfs: bool | None = None,
+        use_syncfs: bool = True,
     ) -> None:
         self.durability = Durability(durability)
         self.file_io = file_io or FileIO()
-        self.use_syncfs = syncfs_reports_errors() if use_syncfs is None else use_syncfs
+        self.use_syncfs = use_syncfs
         self.passes = 0
         """Passes run so far (for tests and benchmarks)."""
         self.syncfs_calls = 0

@@ -64,8 +64,8 @@ class FileIO:
         """``syncfs(2)``: every file of the file system holding ``fd`` reaches stable
         storage (data, sizes, the journal, the disk's cache).
 
-        Reports writeback errors of any file of that file system since Linux 5.8
-        (:func:`syncfs_reports_errors`); before, it always succeeded.
+        Reports write-back errors of any file of that file system since Linux 5.8, and
+        errors of the file system's own sync since 5.17 (:func:`syncfs_reports_errors`).
 
         :raises OSError: some data may be lost; never retry as if it worked.
         """

@@ -134,7 +134,6 @@ class ConversationLog:
         self._writing: list = []  # the batch the group commit is writing
         self._last_pass = 0.0  # loop time the group commit last took this log's records
         self._waiters: list[asyncio.Future[None]] = []  # see next_commit()
-        self._waiters_pruned_at = 0
         self._listeners: dict[Callable[[int, bytes], None], None] = {}  # an ordered set
         self._tail = bytearray(tail)  # the last committed bytes
         self._tail_start = committed - len(tail)
@@ -442,7 +441,6 @@ class ConversationLog:
         if not self._waiters:
             return
         waiters, self._waiters = self._waiters, []
-        self._waiters_pruned_at = 0
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -533,18 +531,11 @@ class ConversationLog:
     def next_commit(self) -> asyncio.Future[None]:
         """A future that resolves at the log's next commit, failure or close.
 
-        Each caller gets a future of its own: cancelling it, or resolving it early (a
-        keep-alive timer may), touches no other waiter. Cheaper than a task or a timer
-        per wait, so thousands of live readers can wait on one log.
+        Each caller gets a future of its own: cancelling it touches no other waiter.
+        (Live event streams do not wait here: they listen, see :meth:`add_listener`.)
         """
         waiter = asyncio.get_running_loop().create_future()
-        waiters = self._waiters
-        waiters.append(waiter)
-        if len(waiters) > 2 * self._waiters_pruned_at + 64:
-            # Waiters resolved or cancelled by their owners pile up on a log that does not
-            # commit for a long time; drop them (amortized O(1) per call).
-            waiters[:] = [w for w in waiters if not w.done()]
-            self._waiters_pruned_at = len(waiters)
+        self._waiters.append(waiter)
         return waiter
 
     async def follow(self, start: int) -> AsyncIterator[tuple[int, bytes]]:

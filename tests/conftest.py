@@ -44,7 +44,6 @@ class FaultyIO(FileIO):
     :ivar calls_after_fault: calls per kind made after that kind's fault fired.
     :ivar sync_delay: seconds each counted sync sleeps first.
     :ivar on_sync: called with the fd after each successful counted sync.
-    :ivar syncfs_calls: ``syncfs`` calls.
     :ivar syncfs_paths: what each ``syncfs`` was called on.
     :ivar fdatasynced: the file of each ``fdatasync``, counted or not.
     """
@@ -56,7 +55,6 @@ class FaultyIO(FileIO):
         self.calls_after_fault = {"write": 0, "sync": 0, "syncfs": 0}
         self.faults: dict[str, Fault] = {}
         self.sync_delay = 0.0
-        self.syncfs_calls = 0
         self.syncfs_paths: list[Path] = []
         self.fdatasynced: list[Path] = []
         self.on_sync: Callable[[int], None] | None = None
@@ -124,7 +122,6 @@ class FaultyIO(FileIO):
             self.on_sync(fd)
 
     def syncfs(self, fd: int) -> None:
-        self.syncfs_calls += 1
         self.syncfs_paths.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
         if self.sync_delay:
             time.sleep(self.sync_delay)

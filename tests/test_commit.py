@@ -70,7 +70,7 @@ async def test_few_logs_keep_one_fdatasync_each(tmp_path):
     logs = await open_logs(tmp_path, commit, SYNCFS_MIN_LOGS - 1)
     syncs = io.calls["sync"]
     await append_to_each(logs, "apart")
-    assert io.syncfs_calls == 0
+    assert io.calls["syncfs"] == 0
     assert io.calls["sync"] == syncs + len(logs)
     await close(logs, commit)
 
