@@ -26,9 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 HOST = "127.0.0.1"
 
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 
 def raise_nofile(want: int | None = None) -> int:
     """Raise this process's soft open-file limit (up to the hard one); return it."""
@@ -63,11 +60,11 @@ def start_chatledger(
     port: int | None = None,
     timeout: float = 60.0,
 ) -> tuple[int, subprocess.Popen]:
-    """Start ``python -m server.cli serve`` on loopback; its output goes to a file."""
+    """Start ``python -m chatledger serve`` on loopback; its output goes to a file."""
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     with open(data_dir.parent / f"server-{port}.log", "wb") as out:
-        argv = ["-m", "server.cli", "serve", "--host", HOST, "--port", str(port),
+        argv = ["-m", "chatledger", "serve", "--host", HOST, "--port", str(port),
                 "--data-dir", str(data_dir), *args]  # fmt: skip
         return port, _launch(argv, port, timeout, out)
 

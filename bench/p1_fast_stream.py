@@ -10,7 +10,7 @@ Rows (each server is its own process on loopback; the client is this process):
   that, before each ``yield`` of an event, awaits an aiofiles append: open the log file,
   write the record, flush, close (``naive-fsync``: also ``os.fdatasync`` in the executor
   before closing).
-* ``chatledger-flush`` / ``chatledger-fsync``: ``python -m server.cli serve --durability
+* ``chatledger-flush`` / ``chatledger-fsync``: ``python -m chatledger serve --durability
   ... --demo-tokens-per-s 0``; one reply streamed by ``POST .../messages`` with ``Accept:
   text/event-stream`` (the conversation is created before the clock starts).
 

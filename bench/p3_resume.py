@@ -45,7 +45,7 @@ ROWS = ("end", "middle", "start")
 def build_log(directory: Path, megabytes: float) -> tuple[str, int, int, int]:
     """Write a log of about ``megabytes`` MB. Returns (id, size, last record length,
     a boundary near the middle)."""
-    from storage import new_id, records
+    from chatledger.storage import new_id, records
 
     conversation_id = new_id()
     directory.mkdir(parents=True, exist_ok=True)

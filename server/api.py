@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 import orjson
 from aiohttp import web
 
-from storage import (
+from ..storage import (
     ConversationLog,
     InvalidIdError,
     LogClosedError,
@@ -29,8 +29,7 @@ from storage import (
     check_id,
     records,
 )
-from storage.fold import messages
-
+from ..storage.fold import messages
 from . import __version__, sse
 from .admission import TooManyError
 from .generation import NoReplyError, Replies, ReplyRunningError, Started

@@ -15,8 +15,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from storage import FileIO, Store
-
+from ..storage import FileIO, Store
 from .admission import MessageRate, StreamSlots
 from .api import json_errors, routes
 from .generation import Replies

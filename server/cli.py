@@ -20,9 +20,8 @@ from pathlib import Path
 import uvloop
 from aiohttp import web
 
-from storage import Durability
-from storage.verify import verify_dir
-
+from ..storage import Durability
+from ..storage.verify import verify_dir
 from . import __version__
 from .app import build_provider, init_app
 from .providers import ProviderError

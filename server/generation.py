@@ -25,9 +25,8 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
-from storage import ConversationLog, LogClosedError, LogError, new_id, records
-from storage.fold import messages, prompt
-
+from ..storage import ConversationLog, LogClosedError, LogError, new_id, records
+from ..storage.fold import messages, prompt
 from .providers import Provider, ProviderError
 
 __all__ = ["NoReplyError", "ReplyRunningError", "Replies", "Started"]

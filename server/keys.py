@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from storage import Store
-
+from ..storage import Store
 from .admission import MessageRate, StreamSlots
 from .generation import Replies
 from .providers import Provider

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage import Durability
+from ..storage import Durability
 
 __all__ = ["Settings"]
 

@@ -29,8 +29,7 @@ import logging
 
 from aiohttp import hdrs, web
 
-from storage import ConversationLog, LogClosedError
-
+from ..storage import ConversationLog, LogClosedError
 from . import sse
 
 __all__ = ["PUSH_BUFFER_LIMIT", "EventStream", "IdleTimer"]

@@ -1,8 +1,10 @@
 """Group commit across logs: one writer task commits every log with queued records.
 
-A :class:`ConversationLog` queues its records and hands itself to the
-:class:`GroupCommit` it shares with the other logs of its store. One long-lived task
-runs *passes*; each pass takes the queued records of every log that has any and
+The writer side of the log lives here. Each open, writable log has one
+:class:`LogWriter` (its fd, its queue, the batch in flight, its failure); a writer that
+has records queued hands itself to the :class:`GroupCommit` it shares with the other
+logs of its store. One long-lived task runs *passes*; each pass takes the queued records
+of every writer that has any and
 
 * writes each log's batch with one ``write()`` on the event loop (a page-cache copy of
   a few hundred bytes: cheaper than a thread hop, and a worker thread writing while the
@@ -12,10 +14,11 @@ runs *passes*; each pass takes the queued records of every log that has any and
   written, one ``syncfs(2)`` for that file system (on Linux 5.17 and later, where it
   reports every error ``fdatasync`` would, and on local file systems only).
 
-Then, back on the loop, every written log moves its committed offset past its batch and
-wakes its readers. Records queued while a pass is in flight go in the next pass, so the
-cost of a sync is shared by every record and every log that waited for it (the classic
-group commit of databases' write-ahead logs, across files).
+Then, back on the loop, every written log's writer reports the commit to its log (a
+callback), which moves the committed offset past the batch and tells its listeners.
+Records queued while a pass is in flight go in the next pass, so the cost of a sync is
+shared by every record and every log that waited for it (the classic group commit of
+databases' write-ahead logs, across files).
 
 Why ``syncfs``: on the 2-core VM the benchmarks run on, one small ``fdatasync`` costs the
 process about 0.1 ms of CPU, so 1,000 replies at 20 tokens/s (20,000 commits/s, one per
@@ -38,15 +41,21 @@ import asyncio
 import errno
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from . import records
 from .durability import Durability, FileIO, syncfs_trusted
+from .errors import LogFailedError
+from .recovery import keep_aside
 
-if TYPE_CHECKING:
-    from .log import ConversationLog
-
-__all__ = ["COALESCE_TICKS", "COALESCE_WHEN_WITHIN", "SYNCFS_MIN_LOGS", "GroupCommit"]
+__all__ = [
+    "COALESCE_TICKS",
+    "COALESCE_WHEN_WITHIN",
+    "SYNCFS_MIN_LOGS",
+    "GroupCommit",
+    "LogWriter",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +66,158 @@ COALESCE_WHEN_WITHIN = 0.002
 SYNCFS_MIN_LOGS = 4
 """Logs of one file system written in a pass from which one ``syncfs`` replaces their
 ``fdatasync`` calls (``fsync`` policy, Linux 5.17+)."""
+
+_CLEANUP_IO = FileIO()
+
+Queued = tuple[records.Record, bytes, "asyncio.Future[int]"]
+"""A record, its encoded line, and the future of the offset just after it."""
+
+
+class LogWriter:
+    """The writer side of one log: its ``O_APPEND`` fd (which holds the log's ``flock``),
+    the records queued for the next pass, the batch a pass is writing, and the failure
+    that ended it. The log that owns it (:class:`~storage.log.ConversationLog`) supplies
+    two callbacks, both called on the event loop:
+
+    * ``on_commit(records, data)``: a batch met the durability policy; ``data`` is its
+      bytes, which now follow the previous committed offset in the file;
+    * ``on_fail(error)``: a write or sync failed (a :class:`~storage.errors.LogFailedError`);
+      queued and later records are refused.
+
+    :param fd: the log file, open ``O_RDWR | O_APPEND`` and locked; closed by :meth:`close`.
+    :param committed: bytes of the file already committed (its size, after recovery).
+    :param group: the group commit that writes and syncs this log's batches.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        fd: int,
+        *,
+        committed: int,
+        group: GroupCommit,
+        on_commit: Callable[[list[records.Record], bytes], None],
+        on_fail: Callable[[LogFailedError], None],
+    ) -> None:
+        self.path = path
+        self.device = os.fstat(fd).st_dev
+        """``st_dev`` of the file system holding the log (for ``syncfs``)."""
+        self._fd = fd
+        self._end = committed
+        self._group = group
+        self._on_commit = on_commit
+        self._on_fail = on_fail
+        self._queue: list[Queued] = []
+        self._writing: list[Queued] = []  # the batch a pass is writing
+        self._data = b""  # its bytes
+        self._failure: LogFailedError | None = None
+        self._last_pass = 0.0  # loop time a pass last took this log's records
+        self._drained: asyncio.Future[None] | None = None  # close() waits on it
+
+    def queue(self, record: records.Record) -> asyncio.Future[int]:
+        """Queue one record for the next pass.
+
+        :returns: a future of the offset just after the record, set once it is committed;
+            it raises :class:`~storage.errors.LogFailedError` if its batch fails.
+        :raises storage.errors.LogFailedError: the log failed before (not queued).
+        :raises storage.records.RecordError: the record cannot be encoded (not queued).
+        """
+        if self._failure is not None:
+            raise self._failure
+        data = records.encode(record)
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if not self._queue:
+            self._group.schedule(self)
+        self._queue.append((record, data, done))
+        return done
+
+    @property
+    def backlog(self) -> int:
+        """Records queued and not yet being written."""
+        return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        """Whether records are queued or being written."""
+        return bool(self._queue or self._writing)
+
+    async def close(self) -> None:
+        """Wait until every queued record is committed (or failed), then close the fd,
+        which releases the lock."""
+        while self.busy:
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
+        os.close(self._fd)
+
+    # The group commit's side of a pass: take the batch, write it, then commit it or fail
+    # the log, then say the pass is done.
+
+    def _take_batch(self) -> bool:
+        self._writing, self._queue = self._queue, []
+        self._data = b"".join(line for _, line, _ in self._writing)
+        return bool(self._writing)
+
+    def _write(self, file_io: FileIO) -> OSError | None:
+        try:
+            file_io.write_all(self._fd, self._data)
+        except OSError as exc:
+            return exc
+        return None
+
+    def _commit(self) -> None:
+        offset = self._end
+        for _, line, done in self._writing:
+            offset += len(line)
+            if not done.done():
+                done.set_result(offset)
+        self._end = offset
+        self._on_commit([record for record, _, _ in self._writing], self._data)
+
+    def _fail(self, exc: OSError) -> None:
+        self._failure = LogFailedError(exc)
+        logger.error(
+            "%s: %s; the log takes no more appends in this process (committed %d bytes)",
+            self.path,
+            exc,
+            self._end,
+        )
+        for _, _, done in self._writing + self._queue:
+            if not done.done():
+                done.set_exception(self._failure)
+                done.exception()  # seen: a pipelining writer awaits only its last future
+        self._queue = []
+        self._on_fail(self._failure)
+
+    def _pass_done(self) -> None:
+        self._writing, self._data = [], b""
+        if self._drained is not None and not self._drained.done() and not self._queue:
+            self._drained.set_result(None)
+
+    def _discard_uncommitted(self) -> None:
+        """On a worker thread, after a failed write or sync: take the bytes past the
+        committed offset (a torn write, or records whose sync failed: never shown) out of
+        the log, so a restart does not resurrect them. Best effort: they are copied to
+        ``<log>.failed-<ts>`` when the disk allows, then the log is truncated to its
+        committed offset. This cleanup bypasses the injected ``file_io``: it is not the
+        log's write path, and it never makes the failed bytes count as committed."""
+        try:
+            size = os.fstat(self._fd).st_size
+            if size <= self._end:
+                return
+            extra = os.pread(self._fd, size - self._end, self._end)
+            try:
+                keep_aside(self.path, "failed", extra, file_io=_CLEANUP_IO)
+            except OSError as exc:
+                logger.warning(
+                    "%s: could not keep %d uncommitted bytes: %s", self.path, len(extra), exc
+                )
+            os.ftruncate(self._fd, self._end)
+            _CLEANUP_IO.fdatasync(self._fd)
+            logger.warning(
+                "%s: cut %d uncommitted bytes back to offset %d", self.path, len(extra), self._end
+            )
+        except OSError as exc:
+            logger.error("%s: could not cut uncommitted bytes (recovery will): %s", self.path, exc)
 
 
 class GroupCommit:
@@ -83,15 +244,15 @@ class GroupCommit:
         self.syncfs_calls = 0
         """``syncfs`` calls made so far (for tests and benchmarks)."""
         self._syncfs_fds: dict[int, int | None] = {}  # st_dev -> a directory's fd, or None
-        self._dirty: dict[ConversationLog, None] = {}  # insertion-ordered set
+        self._dirty: dict[LogWriter, None] = {}  # insertion-ordered set
         self._wake: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
-    def schedule(self, log: ConversationLog) -> None:
-        """Commit ``log``'s queued records in the next pass (the log calls this when its
-        queue stops being empty)."""
-        self._dirty[log] = None
+    def schedule(self, writer: LogWriter) -> None:
+        """Commit ``writer``'s queued records in the next pass (the writer calls this when
+        its queue stops being empty)."""
+        self._dirty[writer] = None
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="group commit")
         elif self._wake is not None and not self._wake.done():
@@ -122,20 +283,20 @@ class GroupCommit:
                 self._wake = None
                 continue
             await self._coalesce(loop.time())
-            logs, self._dirty = list(self._dirty), {}
+            writers, self._dirty = list(self._dirty), {}
             try:
-                await self._pass(logs)
+                await self._pass(writers)
             except (Exception, asyncio.CancelledError) as exc:  # never leave a log hanging
                 if not isinstance(exc, asyncio.CancelledError):
                     logger.exception("group commit pass failed")
-                stuck = [log for log in logs if log._writing]
-                for log in stuck:
-                    log._fail(OSError(errno.EIO, f"group commit failed: {exc!r}"), log._writing)
+                stuck = [writer for writer in writers if writer._writing]
+                for writer in stuck:
+                    writer._fail(OSError(errno.EIO, f"group commit failed: {exc!r}"))
                 try:
                     await asyncio.to_thread(_discard_uncommitted, stuck)
                 finally:
-                    for log in stuck:
-                        log._pass_done()
+                    for writer in stuck:
+                        writer._pass_done()
                 if isinstance(exc, asyncio.CancelledError):
                     raise
 
@@ -144,60 +305,49 @@ class GroupCommit:
         # loop run while busy logs keep queueing (a few ticks at most), so a fast stream
         # commits, and wakes its readers, in batches rather than a record at a time. Slow
         # streams (an LLM at 20-100 tokens/s) are committed at once, together.
-        busy = [log for log in self._dirty if now - log._last_pass < COALESCE_WHEN_WITHIN]
-        for log in self._dirty:
-            log._last_pass = now
+        busy = [w for w in self._dirty if now - w._last_pass < COALESCE_WHEN_WITHIN]
+        for writer in self._dirty:
+            writer._last_pass = now
         if not busy:
             return
         for _ in range(COALESCE_TICKS):
-            queued = sum(log.backlog for log in busy)
+            queued = sum(writer.backlog for writer in busy)
             await asyncio.sleep(0)
-            if sum(log.backlog for log in busy) == queued:
+            if sum(writer.backlog for writer in busy) == queued:
                 return
 
-    async def _pass(self, logs: list[ConversationLog]) -> None:
+    async def _pass(self, writers: list[LogWriter]) -> None:
         self.passes += 1
-        batches = [(log, log._take_batch()) for log in logs]
-        batches = [(log, batch) for log, batch in batches if batch]
-        datas = [b"".join(line for _, line, _ in batch) for _, batch in batches]
+        batches = [writer for writer in writers if writer._take_batch()]
         if self.durability is Durability.FSYNC and self.use_syncfs and not self._closing:
-            for log, _ in batches:  # opened before the writes it is to report on
-                if log._device not in self._syncfs_fds:
+            for writer in batches:  # opened before the writes it is to report on
+                if writer.device not in self._syncfs_fds:
                     try:
-                        self._syncfs_fds[log._device] = _syncfs_fd(log.path.parent)
+                        self._syncfs_fds[writer.device] = _syncfs_fd(writer.path.parent)
                     except OSError as exc:  # no fd to spare now, say: fdatasync this pass
-                        logger.warning("cannot prepare syncfs for %s: %s", log.path.parent, exc)
+                        logger.warning("cannot prepare syncfs for %s: %s", writer.path.parent, exc)
         # The writes are page-cache copies of a few hundred bytes: on the loop they cost
         # less than handing them to a thread, which would contend for the GIL once per
         # call while the loop is busy.
-        errors = [self._write(log._fd, data) for (log, _), data in zip(batches, datas, strict=True)]
+        errors = [writer._write(self.file_io) for writer in batches]
         if self.durability is Durability.FSYNC:
-            written = [(k, log._fd, log._device) for k, (log, _) in enumerate(batches)]
-            written = [entry for entry in written if errors[entry[0]] is None]
+            written = [(k, w._fd, w.device) for k, w in enumerate(batches) if errors[k] is None]
             if written:
                 for k, error in await asyncio.to_thread(self._sync, written):
                     errors[k] = error
         failed = []
-        for (log, batch), data, error in zip(batches, datas, errors, strict=True):
+        for writer, error in zip(batches, errors, strict=True):
             if error is None:
-                log._commit(batch, data)
+                writer._commit()
             else:
-                log._fail(error, batch)
-                failed.append(log)
+                writer._fail(error)
+                failed.append(writer)
         if failed:
             await asyncio.to_thread(_discard_uncommitted, failed)
-        for log, _ in batches:
-            log._pass_done()
+        for writer in batches:
+            writer._pass_done()
 
-    def _write(self, fd: int | None, data: bytes) -> OSError | None:
-        assert fd is not None
-        try:
-            self.file_io.write_all(fd, data)
-        except OSError as exc:
-            return exc
-        return None
-
-    def _sync(self, written: list[tuple[int, int | None, int]]) -> list[tuple[int, OSError]]:
+    def _sync(self, written: list[tuple[int, int, int]]) -> list[tuple[int, OSError]]:
         """On a worker thread: make the written logs durable.
 
         :param written: ``(batch index, fd, st_dev)`` per written log.
@@ -205,7 +355,6 @@ class GroupCommit:
         """
         devices: dict[int, list[tuple[int, int]]] = {}
         for k, fd, device in written:
-            assert fd is not None
             devices.setdefault(device, []).append((k, fd))
         errors = []
         for device, logs in devices.items():
@@ -243,6 +392,6 @@ def _syncfs_fd(directory: Path) -> int | None:
     return os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
 
 
-def _discard_uncommitted(logs: list[ConversationLog]) -> None:
-    for log in logs:
-        log._discard_uncommitted()
+def _discard_uncommitted(writers: list[LogWriter]) -> None:
+    for writer in writers:
+        writer._discard_uncommitted()

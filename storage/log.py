@@ -1,48 +1,54 @@
-"""``ConversationLog``: one conversation's append-only JSONL log.
+"""``ConversationLog``: one conversation's append-only JSONL log, the reader side.
 
-Writes (DESIGN.md "The log"):
+Writes (DESIGN.md "The log") go through the log's :class:`~storage.commit.LogWriter`:
 
 * :meth:`ConversationLog.append` queues a record and waits until it is *committed*. The
-  log's :class:`~storage.commit.GroupCommit` (shared by the logs of a store) takes
-  everything queued, writes it with one ``write()`` and (policy ``fsync``) makes it
-  durable, then moves the committed offset past the whole batch. Records that queue while
-  a sync is in flight share the next one (group commit, across logs).
+  store's :class:`~storage.commit.GroupCommit` takes everything queued, writes it with
+  one ``write()`` and (policy ``fsync``) makes it durable; then the writer reports the
+  batch here, and the committed offset moves past it. Records that queue while a sync is
+  in flight share the next one (group commit, across logs).
 * A failed write or sync is fatal for the log: queued and later appends raise
-  :class:`LogFailedError`; what was committed stays readable; nothing is retried.
+  :class:`~storage.errors.LogFailedError`; what was committed stays readable; nothing is
+  retried.
 * One writer per file, across processes: the writer holds ``flock(LOCK_EX)``. A log that
-  another process holds, or that is corrupt, opens read-only.
+  another process holds, or that is corrupt, opens read-only (it has no writer).
 
 Reads never pass the committed offset and never block the writer. Readers near the end
 are served from a bounded in-memory copy of the most recent committed bytes; readers
-further back ``pread`` the file, so a lagging reader costs no memory per record.
+further back ``pread`` the file, so a lagging reader costs no memory per record. Live
+readers learn of commits one way: a listener (:meth:`ConversationLog.add_listener`),
+called at each commit; :meth:`ConversationLog.follow` is built on it.
+
+A log's life is one :class:`LogState`::
+
+    WRITABLE --(a write or sync fails)--> FAILED --.
+    WRITABLE ------------------------------------+--(close)--> CLOSING --> CLOSED
+    READ_ONLY (locked elsewhere, or corrupt) ----'
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import fcntl
+import enum
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from . import records
-from .commit import GroupCommit
-from .durability import Durability, FileIO
+from .commit import GroupCommit, LogWriter
+from .durability import Durability
+from .errors import (
+    LogClosedError,
+    LogFailedError,
+    LogReadOnlyError,
+    OffsetBoundaryError,
+    OffsetRangeError,
+)
 from .fold import Summary
-from .recovery import CorruptLogError, Scan, cut_torn_tail, keep_aside, scan
+from .recovery import create_file, open_file
 
-__all__ = [
-    "ConversationLog",
-    "LogClosedError",
-    "LogError",
-    "LogFailedError",
-    "LogReadOnlyError",
-    "OffsetBoundaryError",
-    "OffsetError",
-    "OffsetRangeError",
-]
+__all__ = ["READ_BLOCK", "TAIL_BYTES", "ConversationLog", "Listener", "LogState"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,51 +57,24 @@ READ_BLOCK = 256 * 1024
 TAIL_BYTES = 512 * 1024
 """Committed bytes kept in memory for readers at the live edge (amortized, up to 2x)."""
 
-
-_CLEANUP_IO = FileIO()
-
-
-class LogError(Exception):
-    """Base of the errors :class:`ConversationLog` raises for appends."""
+Listener = Callable[[int, bytes], None]
+"""``listener(offset, block)``: see :meth:`ConversationLog.add_listener`."""
 
 
-class LogClosedError(LogError):
-    """The log was closed (the server is shutting down)."""
+class LogState(enum.Enum):
+    """Where a :class:`ConversationLog` is in its life."""
 
-
-class LogReadOnlyError(LogError):
-    """The log takes no appends: another process holds its lock, or it is corrupt."""
-
-
-class LogFailedError(LogError):
-    """A write or sync of this log failed; it takes no more appends in this process.
-
-    :ivar errno: the ``errno`` of the failed call (e.g. ``ENOSPC``, ``EIO``).
-    """
-
-    def __init__(self, cause: OSError) -> None:
-        super().__init__(f"log write failed: {os.strerror(cause.errno or errno.EIO)}")
-        self.errno = cause.errno or errno.EIO
-        self.cause = cause
-
-
-class OffsetError(ValueError):
-    """A start offset a reader asked for is not valid.
-
-    :ivar committed: the log's committed offset when the check ran.
-    """
-
-    def __init__(self, message: str, committed: int) -> None:
-        super().__init__(message)
-        self.committed = committed
-
-
-class OffsetRangeError(OffsetError):
-    """The offset is past the committed offset."""
-
-
-class OffsetBoundaryError(OffsetError):
-    """The offset is inside a record, not at a record boundary."""
+    WRITABLE = "writable"
+    """Takes appends; the committed offset moves."""
+    READ_ONLY = "read_only"
+    """Never took appends in this process: another process holds it, or it is corrupt
+    (:attr:`ConversationLog.read_only_reason`)."""
+    FAILED = "failed"
+    """A write or sync failed (:attr:`ConversationLog.failure`); no more appends."""
+    CLOSING = "closing"
+    """:meth:`ConversationLog.close` is committing what was queued; no more appends."""
+    CLOSED = "closed"
+    """Closed: the lock is released, followers have ended, reads raise."""
 
 
 class ConversationLog:
@@ -109,180 +88,104 @@ class ConversationLog:
         self,
         path: Path,
         *,
-        fd: int | None,
         read_fd: int,
         committed: int,
         summary: Summary,
-        commit: GroupCommit,
-        owns_commit: bool,
-        read_only_reason: str | None = None,
+        read_only_reason: str | None,
         tail: bytes = b"",
     ) -> None:
         self.path = path
         self.summary = summary
-        self._fd = fd
-        self._device = os.fstat(read_fd).st_dev
         self._read_fd = read_fd
         self._committed = committed
-        self._group_commit = commit
-        self._owns_commit = owns_commit
+        self._state = LogState.WRITABLE if read_only_reason is None else LogState.READ_ONLY
         self._read_only_reason = read_only_reason
         self._failure: LogFailedError | None = None
-        self._closing = False
-        self._closed = False
-        self._queue: list[tuple[records.Record, bytes, asyncio.Future[int]]] = []
-        self._writing: list = []  # the batch the group commit is writing
-        self._last_pass = 0.0  # loop time the group commit last took this log's records
-        self._waiters: list[asyncio.Future[None]] = []  # see next_commit()
-        self._listeners: dict[Callable[[int, bytes], None], None] = {}  # an ordered set
+        self._writer: LogWriter | None = None
+        self._closed = asyncio.get_running_loop().create_future()
+        self._listeners: dict[Listener, None] = {}  # an ordered set
         self._tail = bytearray(tail)  # the last committed bytes
         self._tail_start = committed - len(tail)
         self._reads: set[asyncio.Future[bytes]] = set()
+
+    def _attach(self, fd: int, commit: GroupCommit) -> None:
+        self._writer = LogWriter(
+            self.path,
+            fd,
+            committed=self._committed,
+            group=commit,
+            on_commit=self._on_commit,
+            on_fail=self._on_fail,
+        )
 
     # -- opening ----------------------------------------------------------------------
 
     @classmethod
     async def create(
-        cls,
-        path: Path,
-        first: records.Record,
-        *,
-        durability: Durability | None = None,
-        file_io: FileIO | None = None,
-        commit: GroupCommit | None = None,
+        cls, path: Path, first: records.Record, *, commit: GroupCommit
     ) -> ConversationLog:
-        """Create a new log whose first record is ``first`` (a ``conversation`` record).
+        """Create a new log whose first record is ``first`` (a ``conversation`` record),
+        durably whatever the policy (:func:`~storage.recovery.create_file`).
 
-        Durable whatever the policy: ``O_EXCL`` create, write and ``fdatasync`` the record,
-        then ``fsync`` the directory. On failure the file is removed.
-
-        :param durability: policy of a log with its own group commit (default ``fsync``).
-        :param file_io: system-call layer of a log with its own group commit.
-        :param commit: the group commit shared with other logs (a store's); its policy and
-            system-call layer apply. Without it the log gets its own.
+        :param commit: the group commit that writes the log (a store's); its policy and
+            system-call layer apply.
         :raises FileExistsError: the log exists.
-        :raises OSError: a write or sync failed.
-        :raises ValueError: ``commit`` given with ``durability`` or ``file_io``.
+        :raises OSError: a write or sync failed; no file is left.
         """
-        commit, owns_commit = _commit_of(durability, file_io, commit)
-        file_io = commit.file_io
         data = records.encode(first)
-
-        def create_sync() -> int:
-            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                file_io.write_all(fd, data)
-                file_io.fdatasync(fd)
-                file_io.fsync_dir(path.parent)
-            except BaseException:
-                os.close(fd)
-                path.unlink(missing_ok=True)
-                raise
-            return fd
-
-        fd = await asyncio.to_thread(create_sync)
+        fd = await asyncio.to_thread(create_file, path, data, file_io=commit.file_io)
         summary = Summary()
         summary.observe(first)
-        return cls(
+        log = cls(
             path,
-            fd=fd,
             read_fd=os.open(path, os.O_RDONLY),
             committed=len(data),
             summary=summary,
-            commit=commit,
-            owns_commit=owns_commit,
+            read_only_reason=None,
             tail=data,
         )
+        log._attach(fd, commit)
+        return log
 
     @classmethod
-    async def open(
-        cls,
-        path: Path,
-        *,
-        durability: Durability | None = None,
-        file_io: FileIO | None = None,
-        commit: GroupCommit | None = None,
-    ) -> ConversationLog:
-        """Open an existing log, recovering it first (DESIGN.md "Recovery on open").
+    async def open(cls, path: Path, *, commit: GroupCommit) -> ConversationLog:
+        """Open an existing log, recovering it first (DESIGN.md "Recovery on open",
+        :func:`~storage.recovery.open_file`), then append one ``end`` with
+        ``finish: "interrupted"`` per reply that has a ``start`` and no ``end``.
 
-        Takes the writer lock; cuts a torn tail (kept in ``<log>.torn-<ts>``); appends one
-        ``end`` with ``finish: "interrupted"`` per reply that has a ``start`` and no
-        ``end``. A log locked by another process, or corrupt, opens read-only with its
-        valid prefix readable; corruption is logged as an error, never cut.
-
-        ``durability``, ``file_io`` and ``commit`` are as for :meth:`create`.
+        A log locked by another process, or corrupt, opens read-only with its valid
+        prefix readable. ``commit`` is as for :meth:`create`.
 
         :raises FileNotFoundError: no such log.
         :raises OSError: recovery could not write, or (``fsync``) the log's bytes could not
             be made durable: the disk lost some of them.
-        :raises ValueError: ``commit`` given with ``durability`` or ``file_io``.
         """
-        commit, owns_commit = _commit_of(durability, file_io, commit)
-        file_io = commit.file_io
         durable = commit.durability is Durability.FSYNC
-
-        def open_sync() -> tuple[int | None, Scan, str | None]:
-            fd: int | None = os.open(path, os.O_RDWR | os.O_APPEND)
-            reason = None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                fd, reason = None, "another process holds this log"
-            try:
-                with open(path, "rb") as stream:
-                    found = scan(stream)
-                if found.corrupt_at is not None:
-                    error = CorruptLogError(path, found.corrupt_at, found.reason)
-                    logger.error("%s; opened read-only, nothing cut", error)
-                    reason = str(error)
-                elif found.end == 0 and fd is not None:
-                    # Not one record: the create never completed, so the conversation
-                    # never existed. Keep the bytes aside and report it missing.
-                    if found.size:
-                        cut_torn_tail(path, found, file_io=file_io)
-                    path.unlink()
-                    file_io.fsync_dir(path.parent)
-                    raise FileNotFoundError(path)
-                elif found.torn and fd is not None:
-                    cut_torn_tail(path, found, file_io=file_io)
-                if fd is not None and reason is None and durable:
-                    # What the scan read may be in the page cache only: written by a
-                    # process that died before its sync, and then maybe lost by the
-                    # disk's write-back. Make it durable, or learn it was lost, before
-                    # any of it can be shown.
-                    file_io.fdatasync(fd)
-            except BaseException:
-                if fd is not None:
-                    os.close(fd)
-                raise
-            if reason is not None and fd is not None:
-                os.close(fd)
-                fd = None
-            return fd, found, reason
-
-        fd, found, reason = await asyncio.to_thread(open_sync)
+        opened = await asyncio.to_thread(open_file, path, file_io=commit.file_io, durable=durable)
         log = cls(
             path,
-            fd=fd,
             read_fd=os.open(path, os.O_RDONLY),
-            committed=found.end,
-            summary=found.summary,
-            commit=commit,
-            owns_commit=owns_commit,
-            read_only_reason=reason,
+            committed=opened.scan.end,
+            summary=opened.scan.summary,
+            read_only_reason=opened.read_only_reason,
         )
-        for reply_id in list(found.summary.open_replies) if fd is not None else []:
+        if opened.fd is None:
+            return log
+        log._attach(opened.fd, commit)
+        for reply_id in list(opened.scan.summary.open_replies):
             try:
                 await log.append(records.end(reply_id=reply_id, finish="interrupted"))
-            except LogError as exc:  # the log stays readable, failed, like any other
+            except LogFailedError as exc:  # the log stays readable, failed, like any other
                 logger.error("%s: could not close interrupted reply %s: %s", path, reply_id, exc)
                 break
             logger.warning("%s: closed interrupted reply %s", path, reply_id)
         return log
 
     # -- state --------------------------------------------------------------------------
+
+    @property
+    def state(self) -> LogState:
+        return self._state
 
     @property
     def committed(self) -> int:
@@ -301,25 +204,27 @@ class ConversationLog:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._state is LogState.CLOSED
 
     @property
     def live(self) -> bool:
-        """Whether the committed offset can still move in this process (open, writable,
-        not failed)."""
-        return not self._closing and self._failure is None and self._fd is not None
+        """Whether the committed offset can still move in this process."""
+        return self._state is LogState.WRITABLE
 
     def check_writable(self) -> None:
         """Raise the error an :meth:`append` would raise now, if any.
 
         :raises LogClosedError, LogReadOnlyError, LogFailedError:
         """
-        if self._closing:
-            raise LogClosedError("log is closed")
-        if self._read_only_reason is not None:
+        state = self._state
+        if state is LogState.WRITABLE:
+            return
+        if state is LogState.READ_ONLY:
             raise LogReadOnlyError(self._read_only_reason)
-        if self._failure is not None:
+        if state is LogState.FAILED:
+            assert self._failure is not None
             raise self._failure
+        raise LogClosedError("log is closed")
 
     # -- appending ----------------------------------------------------------------------
 
@@ -343,107 +248,36 @@ class ConversationLog:
         whole batch). Readers still see none of them before they are committed.
 
         :returns: a future of the offset just after the record; it raises
-            :class:`LogFailedError` if the write or sync of its batch fails.
+            :class:`~storage.errors.LogFailedError` if the write or sync of its batch fails.
         :raises LogClosedError, LogReadOnlyError, LogFailedError: not queued.
         :raises storage.records.RecordError: the record cannot be encoded.
         """
         self.check_writable()
-        data = records.encode(record)
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        if not self._queue:
-            self._group_commit.schedule(self)
-        self._queue.append((record, data, done))
-        return done
+        assert self._writer is not None
+        return self._writer.queue(record)
 
     @property
     def backlog(self) -> int:
         """Records queued and not yet being written."""
-        return len(self._queue)
+        return self._writer.backlog if self._writer is not None else 0
 
-    # The group commit's side of a pass (storage.commit): take the batch, then either
-    # commit it or fail the log, then say the pass is done.
-
-    def _take_batch(self) -> list[tuple[records.Record, bytes, asyncio.Future[int]]]:
-        self._writing, self._queue = self._queue, []
-        return self._writing
-
-    def _commit(self, batch: list, data: bytes) -> None:
-        offset = self._committed
-        for record, line, done in batch:
-            offset += len(line)
+    def _on_commit(self, batch: list[records.Record], data: bytes) -> None:
+        for record in batch:
             self.summary.observe(record)
-            if not done.done():
-                done.set_result(offset)
-        start, self._committed = self._committed, offset
-        self._remember(data)
-        if self._listeners:
-            self._tell_listeners(start, data)
-        self._signal_commit()
-
-    def _pass_done(self) -> None:
-        self._writing = []
-        if self._closing and not self._queue:
-            self._signal_commit()  # close() waits for this
-
-    def _fail(self, exc: OSError, batch: list) -> None:
-        self._failure = LogFailedError(exc)
-        logger.error(
-            "%s: %s; the log takes no more appends in this process (committed %d bytes)",
-            self.path,
-            exc,
-            self._committed,
-        )
-        for _, _, done in batch + self._queue:
-            if not done.done():
-                done.set_exception(self._failure)
-                done.exception()  # seen: a pipelining writer awaits only its last future
-        self._queue = []
-        self._signal_commit()
-
-    def _discard_uncommitted(self) -> None:
-        """After a failed write or sync, take the bytes past the committed offset (a torn
-        write, or records whose sync failed: never shown) out of the log, so a restart
-        does not resurrect them. Best effort: they are copied to ``<log>.failed-<ts>``
-        when the disk allows, then the log is truncated to its committed offset. This
-        cleanup bypasses the injected ``file_io``: it is not the log's write path, and it
-        never makes the failed bytes count as committed."""
-        assert self._fd is not None
-        try:
-            size = os.fstat(self._fd).st_size
-            if size <= self._committed:
-                return
-            extra = os.pread(self._read_fd, size - self._committed, self._committed)
-            try:
-                keep_aside(self.path, "failed", extra, file_io=_CLEANUP_IO)
-            except OSError as exc:
-                logger.warning(
-                    "%s: could not keep %d uncommitted bytes: %s", self.path, len(extra), exc
-                )
-            os.ftruncate(self._fd, self._committed)
-            _CLEANUP_IO.fdatasync(self._fd)
-            logger.warning(
-                "%s: cut %d uncommitted bytes back to offset %d",
-                self.path,
-                len(extra),
-                self._committed,
-            )
-        except OSError as exc:
-            logger.error("%s: could not cut uncommitted bytes (recovery will): %s", self.path, exc)
-
-    def _remember(self, data: bytes) -> None:
+        start = self._committed
+        self._committed = start + len(data)
         self._tail += data
         if len(self._tail) > 2 * TAIL_BYTES:
             cut = len(self._tail) - TAIL_BYTES
             del self._tail[:cut]
             self._tail_start += cut
+        if self._listeners:
+            self._tell_listeners(start, data)
 
-    def _signal_commit(self) -> None:
-        if not self._waiters:
-            return
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+    def _on_fail(self, failure: LogFailedError) -> None:
+        self._failure = failure
+        if self._state is LogState.WRITABLE:
+            self._state = LogState.FAILED
 
     # -- reading ------------------------------------------------------------------------
 
@@ -467,6 +301,7 @@ class ConversationLog:
         """Committed bytes ``[start, end)`` (``end`` defaults to the committed offset).
 
         :raises OffsetRangeError: the range is not inside ``[0, committed]``.
+        :raises LogClosedError: the log is closed and the range is not in memory.
         """
         committed = self._committed
         end = committed if end is None else end
@@ -479,6 +314,8 @@ class ConversationLog:
 
         At most about :data:`READ_BLOCK` bytes, more only for a longer record; empty when
         ``start`` is the committed offset.
+
+        :raises LogClosedError: the log is closed and the block is not in memory.
         """
         committed = self._committed
         if start >= self._tail_start:
@@ -506,17 +343,18 @@ class ConversationLog:
         pending.add_done_callback(self._reads.discard)
         return await asyncio.shield(pending)
 
-    def add_listener(self, listener: Callable[[int, bytes], None]) -> None:
+    def add_listener(self, listener: Listener) -> None:
         """Call ``listener(offset, block)`` at each commit, synchronously, as soon as the
         committed offset has moved past ``block`` (the whole records just committed,
         starting at ``offset``); and ``listener(committed, b"")`` once when the log closes.
 
-        For live readers that hand each commit straight to a socket: no task wakes up per
-        commit. A listener must not block or await; one that raises is logged and removed.
+        The one way live readers learn of commits: an event stream hands each commit
+        straight to its socket, and no task wakes up per commit. A listener must not
+        block or await; one that raises is logged and removed.
         """
         self._listeners[listener] = None
 
-    def remove_listener(self, listener: Callable[[int, bytes], None]) -> None:
+    def remove_listener(self, listener: Listener) -> None:
         """Stop calling ``listener`` (no error if it is not listening)."""
         self._listeners.pop(listener, None)
 
@@ -528,67 +366,55 @@ class ConversationLog:
                 logger.exception("%s: commit listener %r failed; removed", self.path, listener)
                 self.remove_listener(listener)
 
-    def next_commit(self) -> asyncio.Future[None]:
-        """A future that resolves at the log's next commit, failure or close.
-
-        Each caller gets a future of its own: cancelling it touches no other waiter.
-        (Live event streams do not wait here: they listen, see :meth:`add_listener`.)
-        """
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        return waiter
-
     async def follow(self, start: int) -> AsyncIterator[tuple[int, bytes]]:
         """Yield ``(offset, block)`` of committed records from ``start``, then each new
-        commit as it happens (live tail), without polling.
+        commit as it happens (live tail), without polling: :meth:`read_records` to catch
+        up, a listener to wait, as an event stream does.
 
         Each block is whole records beginning at ``offset``. Ends after the last committed
         record once the log is closed; a failed or read-only log is followed until then
         (its committed offset just never moves). ``start`` must have passed
         :meth:`check_offset`.
         """
+        loop = asyncio.get_running_loop()
+        wake: asyncio.Future[None] = loop.create_future()
+
+        def listener(offset: int, block: bytes) -> None:
+            if not wake.done():
+                wake.set_result(None)
+
         position = start
-        while True:
-            if position < self._committed:
-                block = await self.read_records(position)
-                yield position, block
-                position += len(block)
-                continue
-            if self._closed:
-                return
-            await self.next_commit()
+        self.add_listener(listener)
+        try:
+            while True:
+                if position < self._committed:
+                    block = await self.read_records(position)
+                    yield position, block
+                    position += len(block)
+                    continue
+                if self._state is LogState.CLOSED:
+                    return
+                wake = loop.create_future()
+                await wake
+        finally:
+            self.remove_listener(listener)
 
     # -- closing ------------------------------------------------------------------------
 
     async def close(self) -> None:
         """Commit what is queued, stop appends, end followers, release the lock."""
-        if self._closing:
-            while not self._closed:
-                await self.next_commit()
+        if self._state in (LogState.CLOSING, LogState.CLOSED):
+            await asyncio.shield(self._closed)
             return
-        self._closing = True  # appends are refused from here on
-        while self._queue or self._writing:
-            await self.next_commit()
-        self._closed = True
-        self._signal_commit()
-        self._tell_listeners(self._committed, b"")
-        if self._fd is not None:
-            os.close(self._fd)  # releases the flock
-            self._fd = None
-        while self._reads:  # reads may start while we wait: wait for those too
-            await asyncio.wait(set(self._reads))
-        os.close(self._read_fd)
-        self._read_fd = -1
-        if self._owns_commit:
-            await self._group_commit.close()
-
-
-def _commit_of(
-    durability: Durability | None, file_io: FileIO | None, commit: GroupCommit | None
-) -> tuple[GroupCommit, bool]:
-    """The group commit a log uses, and whether the log owns it (closes it)."""
-    if commit is None:
-        return GroupCommit(durability=durability or Durability.FSYNC, file_io=file_io), True
-    if durability is not None or file_io is not None:
-        raise ValueError("durability and file_io come from the shared group commit")
-    return commit, False
+        self._state = LogState.CLOSING  # appends are refused from here on
+        try:
+            if self._writer is not None:
+                await self._writer.close()  # commits what was queued; releases the flock
+        finally:
+            self._state = LogState.CLOSED
+            self._tell_listeners(self._committed, b"")
+            while self._reads:  # reads may start while we wait: wait for those too
+                await asyncio.wait(set(self._reads))
+            os.close(self._read_fd)
+            self._read_fd = -1
+            self._closed.set_result(None)

@@ -17,10 +17,16 @@ Reader rules, applied to the bytes of a log file from offset 0:
 Cutting a torn tail keeps it: the cut bytes are written and synced to
 ``<log>.torn-<ts>`` beside the log (the directory synced too) before the log is
 truncated and synced, so a crash in the middle loses nothing.
+
+:func:`open_file` and :func:`create_file` are the only places a log file is opened for
+writing: they take the writer's ``flock`` and apply these rules (blocking calls, for a
+worker thread). Closing replies left open (one ``end`` with ``finish: "interrupted"``
+each) needs appends, so :meth:`storage.log.ConversationLog.open` does it after them.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from dataclasses import dataclass, field
@@ -28,27 +34,15 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .durability import FileIO
+from .errors import CorruptLogError
 from .fold import Summary
 from .records import RecordError, decode, now_ms
 
-__all__ = ["CorruptLogError", "Scan", "cut_torn_tail", "keep_aside", "scan"]
+__all__ = ["Opened", "Scan", "create_file", "cut_torn_tail", "keep_aside", "open_file", "scan"]
 
 log = logging.getLogger(__name__)
 
 BLOCK = 1 << 20  # bytes read per call while scanning
-
-
-class CorruptLogError(Exception):
-    """A log has an invalid line with valid records after it (reader rule 4).
-
-    :ivar offset: byte offset where the invalid line starts.
-    """
-
-    def __init__(self, path: Path, offset: int, reason: str) -> None:
-        super().__init__(f"{path}: corrupt record at byte {offset}: {reason}")
-        self.path = path
-        self.offset = offset
-        self.reason = reason
 
 
 @dataclass
@@ -163,3 +157,90 @@ def cut_torn_tail(path: Path, scan_result: Scan, *, file_io: FileIO) -> Path:
         aside.name,
     )
     return aside
+
+
+@dataclass(frozen=True)
+class Opened:
+    """Result of :func:`open_file`.
+
+    :ivar fd: the log open ``O_RDWR | O_APPEND`` with its ``flock`` held, or ``None`` when
+        the log is read-only.
+    :ivar scan: what :func:`scan` found (its ``end`` is the committed offset).
+    :ivar read_only_reason: why the log takes no appends (locked by another process, or
+        corrupt), or ``None``.
+    """
+
+    fd: int | None
+    scan: Scan
+    read_only_reason: str | None
+
+
+def open_file(path: Path, *, file_io: FileIO, durable: bool) -> Opened:
+    """Open an existing log for writing and recover it (blocking).
+
+    Takes the writer lock (``flock(LOCK_EX | LOCK_NB)``); a log locked by another process
+    opens read-only. Scans it: corruption opens it read-only (logged as an error, never
+    cut); a torn tail is cut and kept (:func:`cut_torn_tail`); a file with no whole record
+    is a create that never completed, kept aside and removed. With ``durable`` the
+    recovered bytes are ``fdatasync``ed before anything can show them: their last writer
+    may have died before its sync, and the disk may have lost them since.
+
+    :raises FileNotFoundError: no such log (or one whose create never completed).
+    :raises OSError: recovery could not write, or the disk lost some of the bytes.
+    """
+    fd: int | None = os.open(path, os.O_RDWR | os.O_APPEND)
+    reason = None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            fd, reason = None, "another process holds this log"
+        with open(path, "rb") as stream:
+            found = scan(stream)
+        if found.corrupt_at is not None:
+            error = CorruptLogError(path, found.corrupt_at, found.reason)
+            log.error("%s; opened read-only, nothing cut", error)
+            reason = str(error)
+        elif found.end == 0 and fd is not None:
+            # Not one record: the create never completed, so the conversation never
+            # existed. Keep the bytes aside and report it missing.
+            if found.size:
+                cut_torn_tail(path, found, file_io=file_io)
+            path.unlink()
+            file_io.fsync_dir(path.parent)
+            raise FileNotFoundError(path)
+        elif found.torn and fd is not None:
+            cut_torn_tail(path, found, file_io=file_io)
+        if fd is not None and reason is None and durable:
+            file_io.fdatasync(fd)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
+    if reason is not None and fd is not None:
+        os.close(fd)
+        fd = None
+    return Opened(fd, found, reason)
+
+
+def create_file(path: Path, data: bytes, *, file_io: FileIO) -> int:
+    """Create a new log holding ``data`` (its first record), durably whatever the policy
+    (blocking): ``O_EXCL`` create, take the writer lock, write and ``fdatasync``, then
+    ``fsync`` the directory. On failure the file is removed.
+
+    :returns: the fd, open ``O_RDWR | O_APPEND`` with its ``flock`` held.
+    :raises FileExistsError: the log exists.
+    :raises OSError: a write or sync failed.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        file_io.write_all(fd, data)
+        file_io.fdatasync(fd)
+        file_io.fsync_dir(path.parent)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    return fd

@@ -19,12 +19,12 @@ from typing import Final
 from . import records
 from .commit import GroupCommit
 from .durability import Durability, FileIO
-from .log import ConversationLog, LogClosedError, LogError
+from .errors import InvalidIdError, LogClosedError, LogError
+from .log import ConversationLog
 
 __all__ = [
     "CONVERSATION_ID",
     "ConversationInfo",
-    "InvalidIdError",
     "Store",
     "check_id",
     "new_id",
@@ -36,10 +36,6 @@ CONVERSATION_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 SUFFIX: Final = ".jsonl"
 
 logger = logging.getLogger(__name__)
-
-
-class InvalidIdError(ValueError):
-    """A conversation id does not match :data:`CONVERSATION_ID`."""
 
 
 def new_id() -> str:

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from server.app import init_app
-from server.providers.demo import DemoProvider
-from server.settings import Settings
-from storage import Durability, FileIO
+from chatledger.server.app import init_app
+from chatledger.server.providers.demo import DemoProvider
+from chatledger.server.settings import Settings
+from chatledger.storage import Durability, FileIO, GroupCommit
 
 
 @dataclass
@@ -128,6 +128,23 @@ class FaultyIO(FileIO):
         if (fault := self._check("syncfs")) is not None:
             raise OSError(fault.errno, os.strerror(fault.errno))
         super().syncfs(fd)
+
+
+@pytest.fixture
+async def group_commit():
+    """``group_commit(durability=..., file_io=...)``: a :class:`GroupCommit` for logs a
+    test builds itself (as a :class:`~chatledger.storage.Store` does); closed after the
+    test, after its logs."""
+    made: list[GroupCommit] = []
+
+    def make(*, durability: Durability = Durability.FSYNC, file_io: FileIO | None = None):
+        commit = GroupCommit(durability=durability, file_io=file_io)
+        made.append(commit)
+        return commit
+
+    yield make
+    for commit in made:
+        await commit.close()
 
 
 @pytest.fixture

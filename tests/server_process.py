@@ -34,7 +34,7 @@ class ServerProcess:
 def serve(
     data_dir: Path, *args: str, port: int | None = None, timeout: float = 60.0
 ) -> Iterator[ServerProcess]:
-    """Start ``python -m server.cli serve`` and yield once its startup line is printed.
+    """Start ``python -m chatledger serve`` and yield once its startup line is printed.
     The process is terminated on exit if it still runs."""
     port = port or free_port()
     log_path = data_dir.parent / f"server-{port}-{time.monotonic_ns()}.out"
@@ -44,7 +44,7 @@ def serve(
             [
                 sys.executable,
                 "-m",
-                "server.cli",
+                "chatledger",
                 "serve",
                 "--port",
                 str(port),

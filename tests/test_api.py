@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from storage import records
+from chatledger.storage import records
 
 from .conftest import create_conversation, wait_idle
 
@@ -78,7 +78,7 @@ async def test_first_message_titles_an_untitled_conversation(make_client):
 
 
 def test_title_from_cuts_at_a_word():
-    from server.generation import title_from
+    from chatledger.server.generation import title_from
 
     assert title_from("  hello   world \nmore") == "hello world"
     cut = title_from("word " * 30)

@@ -13,8 +13,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from server.providers.chat_completions import OpenAIProvider
-from storage import records
+from chatledger.server.providers.chat_completions import OpenAIProvider
+from chatledger.storage import records
 
 from .conftest import create_conversation
 from .server_process import free_port

@@ -10,7 +10,7 @@ import time
 import aiohttp
 import pytest
 
-from storage import records
+from chatledger.storage import records
 
 from .server_process import serve
 from .sse_reader import StreamReader

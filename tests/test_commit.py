@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from storage import ConversationLog, Durability, FileIO, LogFailedError, records
-from storage.commit import SYNCFS_MIN_LOGS, GroupCommit
-from storage.durability import syncfs_trusted
+from chatledger.storage import ConversationLog, Durability, FileIO, LogFailedError, records
+from chatledger.storage.commit import SYNCFS_MIN_LOGS, GroupCommit
+from chatledger.storage.durability import syncfs_trusted
 
 from .conftest import FaultyIO
 
@@ -139,18 +139,6 @@ async def test_a_fast_stream_is_committed_in_batches_and_slow_logs_with_it(tmp_p
     await close([fast, *slow], commit)
 
 
-async def test_a_log_refuses_a_shared_commit_with_its_own_policy(tmp_path):
-    commit = GroupCommit()
-    with pytest.raises(ValueError, match="shared group commit"):
-        await ConversationLog.create(
-            tmp_path / "c.jsonl",
-            records.conversation(conversation_id="c", title="t", model="m", system=None),
-            commit=commit,
-            durability=Durability.FLUSH,
-        )
-    await commit.close()
-
-
 async def test_an_unexpected_error_in_a_pass_fails_its_logs_and_leaves_nothing_behind(
     tmp_path, caplog
 ):
@@ -176,6 +164,7 @@ async def test_an_unexpected_error_in_a_pass_fails_its_logs_and_leaves_nothing_b
     await other.append(records.user(message_id="m", text="the group commit goes on"))
     await close([log, other], commit)
     assert log.path.stat().st_size == committed  # the unsynced bytes were cut
-    reopened = await ConversationLog.open(log.path)
+    commit = GroupCommit()
+    reopened = await ConversationLog.open(log.path, commit=commit)
     assert b"never committed" not in await reopened.read()
-    await reopened.close()
+    await close([reopened], commit)

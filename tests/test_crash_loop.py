@@ -14,8 +14,8 @@ from pathlib import Path
 
 import aiohttp
 
-from storage import records
-from storage.verify import verify_dir
+from chatledger.storage import records
+from chatledger.storage.verify import verify_dir
 
 from .server_process import serve
 from .sse_reader import StreamReader

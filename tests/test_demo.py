@@ -6,7 +6,7 @@ import asyncio
 
 import uvloop
 
-from server.providers.demo import DemoProvider, Pacer
+from chatledger.server.providers.demo import DemoProvider, Pacer
 
 
 def test_pacer_wakes_in_due_order_on_uvloop_even_when_due_already_passed():

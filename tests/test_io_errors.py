@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from storage import ConversationLog, FileIO, records
-from storage.verify import verify_dir
+from chatledger.storage import ConversationLog, FileIO, records
+from chatledger.storage.verify import verify_dir
 
 from .conftest import FaultyIO, create_conversation, wait_idle
 from .sse_reader import StreamReader, read_quiet, read_through
@@ -209,8 +209,8 @@ def lose_another_files_data(mount: Path, back: Path) -> bool:
 async def test_a_write_back_error_in_another_file_fails_no_conversation(tmp_path):
     # syncfs reports an error of any file of the file system, once per open file: the
     # group commit must not let it fail conversations whose own data is fine.
-    from storage.commit import GroupCommit
-    from storage.durability import syncfs_trusted
+    from chatledger.storage.commit import GroupCommit
+    from chatledger.storage.durability import syncfs_trusted
 
     class CountingIO(FileIO):
         fdatasyncs = 0

@@ -9,9 +9,9 @@ import contextlib
 
 import pytest
 
-from server.generation import Replies
-from server.providers.demo import DemoProvider
-from storage import ConversationLog, LogClosedError, Store, records
+from chatledger.server.generation import Replies
+from chatledger.server.providers.demo import DemoProvider
+from chatledger.storage import ConversationLog, LogClosedError, Store, records
 
 from .conftest import FaultyIO, create_conversation
 
@@ -78,12 +78,12 @@ async def test_shutdown_while_a_message_is_being_appended(tmp_path):
         await replies.send(cid, log, "late")
 
 
-async def test_appends_during_close_are_refused_not_written_to_a_closed_fd(tmp_path):
+async def test_appends_during_close_are_refused_not_written_to_a_closed_fd(tmp_path, group_commit):
     io = FaultyIO()
     log = await ConversationLog.create(
         tmp_path / "c.jsonl",
         records.conversation(conversation_id="c", title="t", model="m", system=None),
-        file_io=io,
+        commit=group_commit(file_io=io),
     )
     io.sync_delay = 0.05
     first = asyncio.create_task(log.append(records.user(message_id="a", text="x")))
@@ -125,15 +125,16 @@ async def test_a_stray_entry_does_not_stop_startup_or_listing(make_client, data_
     assert response.status == 404  # a log with no record never existed
 
 
-async def test_close_waits_for_reads_in_flight(tmp_path, monkeypatch):
+async def test_close_waits_for_reads_in_flight(tmp_path, group_commit, monkeypatch):
     # Readers behind the in-memory tail pread the file on a worker thread; close() must
     # not close that fd under them (EBADF, or worse a reused fd number: another file).
-    monkeypatch.setattr("storage.log.TAIL_BYTES", 16)
-    monkeypatch.setattr("storage.log.READ_BLOCK", 64)
+    monkeypatch.setattr("chatledger.storage.log.TAIL_BYTES", 16)
+    monkeypatch.setattr("chatledger.storage.log.READ_BLOCK", 64)
     for attempt in range(30):
         log = await ConversationLog.create(
             tmp_path / f"c{attempt}.jsonl",
             records.conversation(conversation_id="c", title="t", model="m", system=None),
+            commit=group_commit(),
         )
         for i in range(50):
             await log.append(records.chunk(reply_id="r", i=i, text="x" * 40))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aiohttp
 
-from storage import records
+from chatledger.storage import records
 
 from .server_process import serve
 from .sse_reader import StreamReader

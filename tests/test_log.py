@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from storage import (
+from chatledger.storage import (
     ConversationLog,
     Durability,
+    GroupCommit,
     LogFailedError,
     LogReadOnlyError,
     OffsetBoundaryError,
@@ -28,13 +29,15 @@ def first_record() -> records.Record:
     return records.conversation(conversation_id="c1", title="t", model="m", system=None)
 
 
-async def new_log(tmp_path: Path, **kwargs) -> ConversationLog:
-    return await ConversationLog.create(tmp_path / "c1.jsonl", first_record(), **kwargs)
+async def new_log(tmp_path: Path, commit: GroupCommit) -> ConversationLog:
+    return await ConversationLog.create(tmp_path / "c1.jsonl", first_record(), commit=commit)
 
 
 @pytest.mark.parametrize("durability", list(Durability))
-async def test_append_returns_offset_after_record_and_file_holds_lines(tmp_path, durability):
-    log = await new_log(tmp_path, durability=durability)
+async def test_append_returns_offset_after_record_and_file_holds_lines(
+    tmp_path, group_commit, durability
+):
+    log = await new_log(tmp_path, group_commit(durability=durability))
     first_size = log.committed
     offsets = [
         await log.append(records.user(message_id=f"m{i}", text=f"hé\n{i}")) for i in range(3)
@@ -49,9 +52,9 @@ async def test_append_returns_offset_after_record_and_file_holds_lines(tmp_path,
     await log.close()
 
 
-async def test_group_commit_shares_syncs(tmp_path):
+async def test_group_commit_shares_syncs(tmp_path, group_commit):
     io = FaultyIO()
-    log = await new_log(tmp_path, file_io=io)
+    log = await new_log(tmp_path, group_commit(file_io=io))
     io.sync_delay = 0.02
     syncs_before = io.calls["sync"]
     results = await asyncio.gather(
@@ -63,9 +66,9 @@ async def test_group_commit_shares_syncs(tmp_path):
     await log.close()
 
 
-async def test_follower_never_sees_a_record_before_its_sync_completed(tmp_path):
+async def test_follower_never_sees_a_record_before_its_sync_completed(tmp_path, group_commit):
     io = FaultyIO()
-    log = await new_log(tmp_path, file_io=io)
+    log = await new_log(tmp_path, group_commit(file_io=io))
     io.sync_delay = 0.01
     fd_synced: dict[int, int] = {}
     lock = threading.Lock()
@@ -96,9 +99,9 @@ async def test_follower_never_sees_a_record_before_its_sync_completed(tmp_path):
     assert seen[-1] == log.committed
 
 
-async def test_flush_mode_never_syncs_appends(tmp_path):
+async def test_flush_mode_never_syncs_appends(tmp_path, group_commit):
     io = FaultyIO()
-    log = await new_log(tmp_path, file_io=io, durability=Durability.FLUSH)
+    log = await new_log(tmp_path, group_commit(file_io=io, durability=Durability.FLUSH))
     syncs = io.calls["sync"]
     for i in range(5):
         await log.append(records.user(message_id=f"m{i}", text="x"))
@@ -106,8 +109,8 @@ async def test_flush_mode_never_syncs_appends(tmp_path):
     await log.close()
 
 
-async def test_check_offset_rules(tmp_path):
-    log = await new_log(tmp_path)
+async def test_check_offset_rules(tmp_path, group_commit):
+    log = await new_log(tmp_path, group_commit())
     a = log.committed
     b = await log.append(records.user(message_id="m", text="hello"))
     for ok in (0, a, b):
@@ -122,11 +125,11 @@ async def test_check_offset_rules(tmp_path):
     await log.close()
 
 
-async def test_read_from_any_boundary_is_suffix_of_full_read(tmp_path, monkeypatch):
+async def test_read_from_any_boundary_is_suffix_of_full_read(tmp_path, group_commit, monkeypatch):
     # Tiny in-memory tail and read blocks: exercise the file path and block cutting.
-    monkeypatch.setattr("storage.log.TAIL_BYTES", 64)
-    monkeypatch.setattr("storage.log.READ_BLOCK", 50)
-    log = await new_log(tmp_path)
+    monkeypatch.setattr("chatledger.storage.log.TAIL_BYTES", 64)
+    monkeypatch.setattr("chatledger.storage.log.READ_BLOCK", 50)
+    log = await new_log(tmp_path, group_commit())
     boundaries = [0, log.committed]
     for i in range(30):
         boundaries.append(await log.append(records.chunk(reply_id="r", i=i, text="y" * i)))
@@ -149,9 +152,9 @@ async def _drain(log: ConversationLog, start: int):
         position += len(block)
 
 
-async def test_failed_write_is_fatal_for_that_log_only(tmp_path):
+async def test_failed_write_is_fatal_for_that_log_only(tmp_path, group_commit):
     io = FaultyIO()
-    log = await new_log(tmp_path, file_io=io)
+    log = await new_log(tmp_path, group_commit(file_io=io))
     committed = await log.append(records.user(message_id="m1", text="kept"))
     io.arm("write", errno=errno.ENOSPC)
     with pytest.raises(LogFailedError) as excinfo:
@@ -162,15 +165,17 @@ async def test_failed_write_is_fatal_for_that_log_only(tmp_path):
         await log.append(records.user(message_id="m3", text="refused"))
     assert log.committed == committed
     assert b"kept" in await log.read()
-    other = await ConversationLog.create(tmp_path / "c2.jsonl", first_record(), file_io=io)
+    other = await ConversationLog.create(
+        tmp_path / "c2.jsonl", first_record(), commit=group_commit(file_io=io)
+    )
     await other.append(records.user(message_id="x", text="fine"))
     await log.close()
     await other.close()
 
 
-async def test_failed_sync_is_never_retried_as_if_it_worked(tmp_path):
+async def test_failed_sync_is_never_retried_as_if_it_worked(tmp_path, group_commit):
     io = FaultyIO()
-    log = await new_log(tmp_path, file_io=io)
+    log = await new_log(tmp_path, group_commit(file_io=io))
     io.arm("sync", persistent=False)  # fails once only
     pending = [log.append(records.user(message_id=f"m{i}", text="x")) for i in range(3)]
     results = await asyncio.gather(*pending, return_exceptions=True)
@@ -183,30 +188,34 @@ async def test_failed_sync_is_never_retried_as_if_it_worked(tmp_path):
     await log.close()
 
 
-async def test_second_writer_is_refused(tmp_path):
-    log = await new_log(tmp_path)
+async def test_second_writer_is_refused(tmp_path, group_commit):
+    log = await new_log(tmp_path, group_commit())
     await log.append(records.user(message_id="m", text="x"))
-    second = await ConversationLog.open(tmp_path / "c1.jsonl")
+    second = await ConversationLog.open(tmp_path / "c1.jsonl", commit=group_commit())
     assert second.read_only_reason
     with pytest.raises(LogReadOnlyError):
         await second.append(records.user(message_id="n", text="y"))
     assert await second.read() == await log.read()
     await second.close()
     await log.close()
-    third = await ConversationLog.open(tmp_path / "c1.jsonl")  # lock released on close
+    third = await ConversationLog.open(
+        tmp_path / "c1.jsonl", commit=group_commit()
+    )  # lock released on close
     assert third.read_only_reason is None
     await third.close()
 
 
-async def test_create_is_exclusive(tmp_path):
-    log = await new_log(tmp_path)
+async def test_create_is_exclusive(tmp_path, group_commit):
+    log = await new_log(tmp_path, group_commit())
     with pytest.raises(FileExistsError):
-        await new_log(tmp_path)
+        await new_log(tmp_path, group_commit())
     await log.close()
 
 
-async def test_commit_listeners_are_told_each_commit_after_it_moved_and_the_close(tmp_path, caplog):
-    log = await new_log(tmp_path)
+async def test_commit_listeners_are_told_each_commit_after_it_moved_and_the_close(
+    tmp_path, group_commit, caplog
+):
+    log = await new_log(tmp_path, group_commit())
     seen: list[tuple[int, bytes, int]] = []
 
     def listener(offset: int, block: bytes) -> None:
@@ -234,19 +243,19 @@ async def test_commit_listeners_are_told_each_commit_after_it_moved_and_the_clos
     assert seen[-1] == (log.committed, b"", log.committed)
 
 
-async def test_open_makes_what_it_recovered_durable_or_refuses_it(tmp_path):
+async def test_open_makes_what_it_recovered_durable_or_refuses_it(tmp_path, group_commit):
     # The bytes a scan finds may be in the page cache only (their writer died before its
     # sync) and the disk may have lost them: under fsync, open syncs before any is shown.
-    log = await new_log(tmp_path, durability=Durability.FLUSH)
+    log = await new_log(tmp_path, group_commit(durability=Durability.FLUSH))
     await log.append(records.user(message_id="m1", text="maybe on disk"))
     await log.close()
     io = FaultyIO()
     io.arm("sync", errno=errno.EIO)
     with pytest.raises(OSError):
-        await ConversationLog.open(log.path, file_io=io)
+        await ConversationLog.open(log.path, commit=group_commit(file_io=io))
     io.disarm()
     io.fdatasynced.clear()
-    reopened = await ConversationLog.open(log.path, file_io=io)
+    reopened = await ConversationLog.open(log.path, commit=group_commit(file_io=io))
     assert io.fdatasynced == [log.path]
     assert b"maybe on disk" in await reopened.read()
     await reopened.close()

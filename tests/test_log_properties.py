@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from storage import ConversationLog, Durability, records
+from chatledger.storage import ConversationLog, Durability, GroupCommit, records
 
 TEXT = st.text(
     alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=0, max_size=40
@@ -29,7 +29,8 @@ class LogMachine(RuleBasedStateMachine):
         self.directory = Path(tempfile.mkdtemp(prefix="chatledger-prop-"))
         self.path = self.directory / "c.jsonl"
         first = records.conversation(conversation_id="c", title="t", model="m", system=None)
-        self.log = self.run(ConversationLog.create(self.path, first, durability=Durability.FLUSH))
+        self.commit = GroupCommit(durability=Durability.FLUSH)
+        self.log = self.run(ConversationLog.create(self.path, first, commit=self.commit))
         self.expected = records.encode(first)
         self.boundaries = [0, len(self.expected)]
         self.index = 0
@@ -65,7 +66,7 @@ class LogMachine(RuleBasedStateMachine):
     @rule()
     def reopen(self) -> None:
         self.run(self.log.close())
-        self.log = self.run(ConversationLog.open(self.path, durability=Durability.FLUSH))
+        self.log = self.run(ConversationLog.open(self.path, commit=self.commit))
 
     @rule(text=TEXT, cut=st.floats(min_value=0.0, max_value=1.0), hole=st.booleans())
     def crash_mid_write(self, text: str, cut: float, hole: bool) -> None:
@@ -75,7 +76,7 @@ class LogMachine(RuleBasedStateMachine):
         size = int(len(line) * cut) if cut < 1.0 else len(line) - 1
         with open(self.path, "ab") as stream:
             stream.write(b"\0" * size if hole else line[:size])
-        self.log = self.run(ConversationLog.open(self.path, durability=Durability.FLUSH))
+        self.log = self.run(ConversationLog.open(self.path, commit=self.commit))
 
     @rule(data=st.data())
     def read_from_a_boundary(self, data: st.DataObject) -> None:
@@ -125,6 +126,7 @@ class LogMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         self.run(self.log.close())
+        self.run(self.commit.close())
         self.loop.close()
         shutil.rmtree(self.directory, ignore_errors=True)
 

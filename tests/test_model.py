@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from server.providers.chat_completions import OpenAIProvider
-from storage import records
+from chatledger.server.providers.chat_completions import OpenAIProvider
+from chatledger.storage import records
 
 from .conftest import create_conversation
 from .server_process import free_port
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.model
 
 @pytest.fixture(scope="module")
 def gguf():
-    from server.providers.local import default_model_path
+    from chatledger.server.providers.local import default_model_path
 
     return default_model_path()
 
@@ -114,7 +114,7 @@ async def test_openai_provider_streams_from_real_llama_server(make_client, llama
 
 
 async def test_local_provider_runs_supervised_child_and_survives_its_crash(make_client, tmp_path):
-    from server.providers.local import LocalProvider
+    from chatledger.server.providers.local import LocalProvider
 
     provider = LocalProvider(n_threads=2, n_ctx=1024, max_tokens=24, log_path=tmp_path / "m.log")
     client = await make_client(provider=provider)  # cleanup_ctx starts the child

@@ -24,7 +24,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from storage import records
+from chatledger.storage import records
 
 from .server_process import ServerProcess, free_port, serve
 from .sse_reader import StreamReader, read_events

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from storage import ConversationLog, Durability, FileIO, LogError, records
-from storage.commit import GroupCommit
-from storage.durability import syncfs_reports_errors
+from chatledger.storage import ConversationLog, Durability, FileIO, LogError, records
+from chatledger.storage.commit import GroupCommit
+from chatledger.storage.durability import syncfs_reports_errors
 
 VARIANTS = ("lost", "torn", "hole", "kept")
 
@@ -145,10 +145,13 @@ async def recover(image: bytes | None, directory: Path) -> bytes:
         return b""
     path = directory / "c.jsonl"
     path.write_bytes(image)
+    commit = GroupCommit()
     try:
-        log = await ConversationLog.open(path)
+        log = await ConversationLog.open(path, commit=commit)
     except FileNotFoundError:  # no whole record: the create never completed
         return b""
+    finally:
+        await commit.close()
     assert log.read_only_reason is None, log.read_only_reason  # torn, never "corrupt"
     await log.close()
     return path.read_bytes()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from server.cli import parser
+from chatledger.server.cli import parser
 
 ROOT = Path(__file__).resolve().parent.parent
 

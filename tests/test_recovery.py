@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from storage import ConversationLog, LogReadOnlyError, records
-from storage.fold import messages
-from storage.recovery import scan
+from chatledger.storage import ConversationLog, LogReadOnlyError, records
+from chatledger.storage.fold import messages
+from chatledger.storage.recovery import scan
 
 
 def lines(*recs: records.Record) -> bytes:
@@ -47,11 +47,11 @@ def torn_files(path: Path) -> list[Path]:
     ],
     ids=["partial", "hole", "hole-newline", "garbage", "hole-then-valid", "unterminated"],
 )
-async def test_torn_tail_is_cut_kept_and_reply_closed(tmp_path, tail, caplog):
+async def test_torn_tail_is_cut_kept_and_reply_closed(tmp_path, group_commit, tail, caplog):
     path = tmp_path / "c.jsonl"
     good = base_log()
     path.write_bytes(good + tail)
-    log = await ConversationLog.open(path)
+    log = await ConversationLog.open(path, commit=group_commit())
     kept = torn_files(path)
     assert len(kept) == 1 and kept[0].read_bytes() == tail
     assert path.read_bytes().startswith(good)
@@ -65,13 +65,13 @@ async def test_torn_tail_is_cut_kept_and_reply_closed(tmp_path, tail, caplog):
     await log.close()
 
 
-async def test_closing_an_interrupted_reply_twice_adds_one_record(tmp_path):
+async def test_closing_an_interrupted_reply_twice_adds_one_record(tmp_path, group_commit):
     path = tmp_path / "c.jsonl"
     path.write_bytes(base_log())
-    log = await ConversationLog.open(path)
+    log = await ConversationLog.open(path, commit=group_commit())
     await log.close()
     once = path.read_bytes()
-    log = await ConversationLog.open(path)
+    log = await ConversationLog.open(path, commit=group_commit())
     await log.close()
     assert path.read_bytes() == once
     assert sum(r["type"] == "end" for r in decoded(path)) == 1
@@ -79,13 +79,13 @@ async def test_closing_an_interrupted_reply_twice_adds_one_record(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [b"}}}garbage{{{\n", b"\0" * 30 + b"\n"], ids=["garbage", "hole"])
-async def test_corruption_opens_read_only_and_is_never_cut(tmp_path, caplog, bad):
+async def test_corruption_opens_read_only_and_is_never_cut(tmp_path, group_commit, caplog, bad):
     path = tmp_path / "c.jsonl"
     good = base_log()
     # an invalid line (even a NUL hole) with a valid record after it: committed bytes changed
     corrupt = good + bad + lines(records.user(message_id="u2", text="after"))
     path.write_bytes(corrupt)
-    log = await ConversationLog.open(path)
+    log = await ConversationLog.open(path, commit=group_commit())
     assert log.read_only_reason and "corrupt" in log.read_only_reason
     with pytest.raises(LogReadOnlyError):
         await log.append(records.user(message_id="u3", text="x"))
@@ -106,17 +106,17 @@ def test_scan_every_truncation_gives_longest_valid_prefix():
         assert result.torn == (cut != expected)
 
 
-async def test_clean_log_is_untouched(tmp_path):
+async def test_clean_log_is_untouched(tmp_path, group_commit):
     path = tmp_path / "c.jsonl"
     data = base_log() + lines(records.end(reply_id="r1", finish="stop"))
     path.write_bytes(data)
-    log = await ConversationLog.open(path)
+    log = await ConversationLog.open(path, commit=group_commit())
     await log.close()
     assert path.read_bytes() == data
     assert torn_files(path) == []
 
 
-async def test_open_after_truncation_at_every_byte(tmp_path):
+async def test_open_after_truncation_at_every_byte(tmp_path, group_commit):
     """Cut the log at every byte offset: open recovers the longest valid prefix, keeps
     the cut bytes aside, closes the open reply once, and a second open changes nothing."""
     data = base_log() + lines(
@@ -135,11 +135,11 @@ async def test_open_after_truncation_at_every_byte(tmp_path):
         kept = data[valid:cut]
         if valid == 0:  # not one whole record: the create never completed
             with pytest.raises(FileNotFoundError):
-                await ConversationLog.open(path)
+                await ConversationLog.open(path, commit=group_commit())
             assert not path.exists()
             assert [p.read_bytes() for p in torn_files(path)] == ([kept] if kept else [])
             continue
-        log = await ConversationLog.open(path)
+        log = await ConversationLog.open(path, commit=group_commit())
         await log.close()
         recovered = path.read_bytes()
         assert recovered.startswith(data[:valid]), cut
@@ -151,6 +151,6 @@ async def test_open_after_truncation_at_every_byte(tmp_path):
             ("end", reply, "interrupted") for reply in sorted(starts - ended)
         ], cut
         assert [p.read_bytes() for p in torn_files(path)] == ([kept] if kept else [])
-        log = await ConversationLog.open(path)  # recovery is idempotent
+        log = await ConversationLog.open(path, commit=group_commit())  # recovery is idempotent
         await log.close()
         assert path.read_bytes() == recovered

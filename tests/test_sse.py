@@ -8,8 +8,8 @@ import errno
 
 import pytest
 
-from server import sse
-from storage import records
+from chatledger.server import sse
+from chatledger.storage import records
 
 from .conftest import FaultyIO, create_conversation, wait_idle
 from .sse_reader import StreamReader, read_events, read_quiet, read_through

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from storage import ConversationLog, records
-from storage.verify import verify_dir
+from chatledger.storage import ConversationLog, records
+from chatledger.storage.verify import verify_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +38,7 @@ def write(data_dir: Path, conversation_id: str, lines: list[bytes]) -> Path:
 
 def run_cli(data_dir: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", "verify", "--data-dir", str(data_dir)],
+        [sys.executable, "-m", "chatledger", "verify", "--data-dir", str(data_dir)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -85,11 +85,13 @@ def test_each_kind_of_damage_is_reported_and_nothing_written(tmp_path, name):
     assert {p.name: p.read_bytes() for p in path.parent.iterdir()} == before
 
 
-async def test_reply_of_a_running_writer_is_not_a_problem(tmp_path):
+async def test_reply_of_a_running_writer_is_not_a_problem(tmp_path, group_commit):
     path = tmp_path / "conversations" / "c1.jsonl"
     path.parent.mkdir(parents=True)
     log = await ConversationLog.create(
-        path, records.conversation(conversation_id="c1", title="t", model="m", system=None)
+        path,
+        records.conversation(conversation_id="c1", title="t", model="m", system=None),
+        commit=group_commit(),
     )
     await log.append(records.user(message_id="u", text="x"))
     await log.append(records.start(reply_id="r9", reply_to="u", model="m"))
