@@ -55,6 +55,7 @@ __all__ = [
     "SYNCFS_MIN_LOGS",
     "GroupCommit",
     "LogWriter",
+    "Queued",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,8 +80,9 @@ class LogWriter:
     that ended it. The log that owns it (:class:`~storage.log.ConversationLog`) supplies
     two callbacks, both called on the event loop:
 
-    * ``on_commit(records, data)``: a batch met the durability policy; ``data`` is its
-      bytes, which now follow the previous committed offset in the file;
+    * ``on_commit(batch, data)``: a batch (:data:`Queued` entries, in order) met the
+      durability policy; ``data`` is its bytes, which now follow the previous committed
+      offset in the file;
     * ``on_fail(error)``: a write or sync failed (a :class:`~storage.errors.LogFailedError`);
       queued and later records are refused.
 
@@ -96,7 +98,7 @@ class LogWriter:
         *,
         committed: int,
         group: GroupCommit,
-        on_commit: Callable[[list[records.Record], bytes], None],
+        on_commit: Callable[[list[Queued], bytes], None],
         on_fail: Callable[[LogFailedError], None],
     ) -> None:
         self.path = path
@@ -171,7 +173,7 @@ class LogWriter:
             if not done.done():
                 done.set_result(offset)
         self._end = offset
-        self._on_commit([record for record, _, _ in self._writing], self._data)
+        self._on_commit(self._writing, self._data)
 
     def _fail(self, exc: OSError) -> None:
         self._failure = LogFailedError(exc)
@@ -225,8 +227,10 @@ class GroupCommit:
 
     :param durability: the policy every log committed here follows.
     :param file_io: the system-call layer (tests pass a fault-injecting subclass).
-    :param use_syncfs: allow ``syncfs(2)`` for passes with many logs, on the file systems
-        :func:`~storage.durability.syncfs_trusted` accepts (Linux 5.17+, local).
+
+    Under ``fsync``, a pass that wrote :data:`SYNCFS_MIN_LOGS` or more logs of one file
+    system syncs them with one ``syncfs(2)`` where
+    :func:`~storage.durability.syncfs_trusted` accepts it (Linux 5.17+, local).
     """
 
     def __init__(
@@ -234,11 +238,9 @@ class GroupCommit:
         *,
         durability: Durability = Durability.FSYNC,
         file_io: FileIO | None = None,
-        use_syncfs: bool = True,
     ) -> None:
         self.durability = Durability(durability)
         self.file_io = file_io or FileIO()
-        self.use_syncfs = use_syncfs
         self.passes = 0
         """Passes run so far (for tests and benchmarks)."""
         self.syncfs_calls = 0
@@ -319,7 +321,7 @@ class GroupCommit:
     async def _pass(self, writers: list[LogWriter]) -> None:
         self.passes += 1
         batches = [writer for writer in writers if writer._take_batch()]
-        if self.durability is Durability.FSYNC and self.use_syncfs and not self._closing:
+        if self.durability is Durability.FSYNC and not self._closing:
             for writer in batches:  # opened before the writes it is to report on
                 if writer.device not in self._syncfs_fds:
                     try:

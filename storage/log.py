@@ -36,10 +36,11 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from . import records
-from .commit import GroupCommit, LogWriter
+from .commit import GroupCommit, LogWriter, Queued
 from .durability import Durability
 from .errors import (
     LogClosedError,
+    LogError,
     LogFailedError,
     LogReadOnlyError,
     OffsetBoundaryError,
@@ -175,7 +176,7 @@ class ConversationLog:
         for reply_id in list(opened.scan.summary.open_replies):
             try:
                 await log.append(records.end(reply_id=reply_id, finish="interrupted"))
-            except LogFailedError as exc:  # the log stays readable, failed, like any other
+            except LogError as exc:  # the log stays readable, failed, like any other
                 logger.error("%s: could not close interrupted reply %s: %s", path, reply_id, exc)
                 break
             logger.warning("%s: closed interrupted reply %s", path, reply_id)
@@ -261,9 +262,10 @@ class ConversationLog:
         """Records queued and not yet being written."""
         return self._writer.backlog if self._writer is not None else 0
 
-    def _on_commit(self, batch: list[records.Record], data: bytes) -> None:
-        for record in batch:
-            self.summary.observe(record)
+    def _on_commit(self, batch: list[Queued], data: bytes) -> None:
+        observe = self.summary.observe
+        for record, _, _ in batch:
+            observe(record)
         start = self._committed
         self._committed = start + len(data)
         self._tail += data
