@@ -37,6 +37,8 @@ from .commit import GroupCommit
 from .durability import Durability, FileIO
 from .errors import (
     CorruptLogError,
+    DataDirLockedError,
+    ForeignFileError,
     InvalidIdError,
     LogClosedError,
     LogError,
@@ -54,8 +56,10 @@ __all__ = [
     "ConversationInfo",
     "ConversationLog",
     "CorruptLogError",
+    "DataDirLockedError",
     "Durability",
     "FileIO",
+    "ForeignFileError",
     "GroupCommit",
     "InvalidIdError",
     "LogClosedError",

@@ -10,6 +10,9 @@ error                      raised when
 :class:`OffsetBoundaryError`  a reader's start offset is inside a record
 :class:`CorruptLogError`   a log has an invalid line with valid records after it
 :class:`InvalidIdError`    a conversation id does not match ``^[A-Za-z0-9_-]{1,64}$``
+:class:`ForeignFileError`  a log's path is not a regular file of ours (a symlink, a hard
+                           link, a directory, another user's file): treated as missing
+:class:`DataDirLockedError`  another process (a second server) holds the data dir
 =========================  ==========================================================
 
 ``FileNotFoundError`` (no such log) and other ``OSError`` (the disk refused a create or
@@ -24,6 +27,8 @@ from pathlib import Path
 
 __all__ = [
     "CorruptLogError",
+    "DataDirLockedError",
+    "ForeignFileError",
     "InvalidIdError",
     "LogClosedError",
     "LogError",
@@ -94,3 +99,21 @@ class CorruptLogError(Exception):
 
 class InvalidIdError(ValueError):
     """A conversation id does not match ``^[A-Za-z0-9_-]{1,64}$``."""
+
+
+class ForeignFileError(FileNotFoundError):
+    """A path where a log (or the ``conversations/`` directory) should be is not a regular
+    file (directory) of ours: a symbolic link, a hard link, a directory, a device or
+    another user's file. Never followed, read or written; answered as a missing log.
+
+    :ivar path: the path; :ivar problem: what it is instead (a few words).
+    """
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(errno.ENOENT, f"not a log of this data dir: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+class DataDirLockedError(OSError):
+    """Another process holds the data dir's lock: a second server on the same data dir."""

@@ -134,12 +134,12 @@ class ConversationLog:
         :raises OSError: a write or sync failed; no file is left.
         """
         data = records.encode(first)
-        fd = await asyncio.to_thread(create_file, path, data, file_io=commit.file_io)
+        fd, read_fd = await asyncio.to_thread(create_file, path, data, file_io=commit.file_io)
         summary = Summary()
         summary.observe(first)
         log = cls(
             path,
-            read_fd=os.open(path, os.O_RDONLY),
+            read_fd=read_fd,
             committed=len(data),
             summary=summary,
             read_only_reason=None,
@@ -165,7 +165,7 @@ class ConversationLog:
         opened = await asyncio.to_thread(open_file, path, file_io=commit.file_io, durable=durable)
         log = cls(
             path,
-            read_fd=os.open(path, os.O_RDONLY),
+            read_fd=opened.read_fd,
             committed=opened.scan.end,
             summary=opened.scan.summary,
             read_only_reason=opened.read_only_reason,

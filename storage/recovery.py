@@ -26,19 +26,30 @@ each) needs appends, so :meth:`storage.log.ConversationLog.open` does it after t
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from .durability import FileIO
-from .errors import CorruptLogError
+from .errors import CorruptLogError, ForeignFileError
 from .fold import Summary
 from .records import RecordError, decode, now_ms
 
-__all__ = ["Opened", "Scan", "create_file", "cut_torn_tail", "keep_aside", "open_file", "scan"]
+__all__ = [
+    "Opened",
+    "Scan",
+    "create_file",
+    "cut_torn_tail",
+    "keep_aside",
+    "open_file",
+    "open_own",
+    "scan",
+]
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +126,8 @@ def keep_aside(path: Path, kind: str, data: bytes, *, file_io: FileIO) -> Path:
     :raises OSError: the file could not be written; it is then removed.
     """
     aside = path.with_name(f"{path.name}.{kind}-{now_ms()}")
-    fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # O_EXCL: never an existing file, and never through a symbolic link (open(2)).
+    fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         file_io.write_all(fd, data)
         file_io.fdatasync(fd)
@@ -128,8 +140,9 @@ def keep_aside(path: Path, kind: str, data: bytes, *, file_io: FileIO) -> Path:
     return aside
 
 
-def cut_torn_tail(path: Path, scan_result: Scan, *, file_io: FileIO) -> Path:
-    """Move the torn tail of ``path`` aside and cut the log back to its valid prefix.
+def cut_torn_tail(path: Path, fd: int, scan_result: Scan, *, file_io: FileIO) -> Path:
+    """Move the torn tail of the log open as ``fd`` aside and cut the log back to its
+    valid prefix.
 
     Writes bytes ``[end, size)`` to ``<path>.torn-<ts>`` (``O_EXCL``), syncs it and the
     directory, then truncates the log to ``end`` and syncs it.
@@ -138,16 +151,10 @@ def cut_torn_tail(path: Path, scan_result: Scan, *, file_io: FileIO) -> Path:
     :raises OSError: if any step fails; the log is then left as it was or cut with its
         tail already kept.
     """
-    with open(path, "rb") as source:
-        source.seek(scan_result.end)
-        tail = source.read()
+    tail = os.pread(fd, scan_result.size - scan_result.end, scan_result.end)
     aside = keep_aside(path, "torn", tail, file_io=file_io)
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.ftruncate(fd, scan_result.end)
-        file_io.fdatasync(fd)
-    finally:
-        os.close(fd)
+    os.ftruncate(fd, scan_result.end)
+    file_io.fdatasync(fd)
     log.warning(
         "%s: cut torn tail of %d bytes at offset %d (%s); kept in %s",
         path,
@@ -159,18 +166,66 @@ def cut_torn_tail(path: Path, scan_result: Scan, *, file_io: FileIO) -> Path:
     return aside
 
 
+def open_own(path: Path, flags: int, mode: int = 0o600) -> int:
+    """``open(2)`` a log file only if it is a regular file of ours, with one name.
+
+    Opened with ``O_NOFOLLOW`` (a symbolic link is refused, never followed) and
+    ``O_CLOEXEC``; then ``fstat`` must show a regular file owned by this process's user
+    with one link (a hard link could name a file outside the data dir).
+
+    :raises ForeignFileError: it is something else (nothing was read or written).
+    :raises FileNotFoundError: there is no such file.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ForeignFileError(path, "a symbolic link") from None
+        if exc.errno == errno.EISDIR:
+            raise ForeignFileError(path, "a directory") from None
+        raise
+    info = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(info.st_mode):
+        problem = "not a regular file"
+    elif info.st_uid != os.geteuid():
+        problem = "owned by another user"
+    elif info.st_nlink > 1:
+        problem = "a hard link to a file with another name"
+    elif info.st_nlink == 0:
+        os.close(fd)
+        raise FileNotFoundError(errno.ENOENT, "the log was removed", str(path))
+    if problem is not None:
+        os.close(fd)
+        log.warning("%s: refused, %s", path, problem)
+        raise ForeignFileError(path, problem)
+    return fd
+
+
+def _reader_of(path: Path, fd: int) -> int:
+    """A read-only fd of the same file as ``fd`` (reads go on after the writer closes)."""
+    read_fd = open_own(path, os.O_RDONLY | os.O_NONBLOCK)  # never blocks on a FIFO
+    mine, theirs = os.fstat(fd), os.fstat(read_fd)
+    if (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino):
+        os.close(read_fd)
+        raise ForeignFileError(path, "replaced while it was being opened")
+    return read_fd
+
+
 @dataclass(frozen=True)
 class Opened:
     """Result of :func:`open_file`.
 
     :ivar fd: the log open ``O_RDWR | O_APPEND`` with its ``flock`` held, or ``None`` when
         the log is read-only.
+    :ivar read_fd: the log open ``O_RDONLY``, for readers.
     :ivar scan: what :func:`scan` found (its ``end`` is the committed offset).
     :ivar read_only_reason: why the log takes no appends (locked by another process, or
         corrupt), or ``None``.
     """
 
     fd: int | None
+    read_fd: int
     scan: Scan
     read_only_reason: str | None
 
@@ -178,69 +233,74 @@ class Opened:
 def open_file(path: Path, *, file_io: FileIO, durable: bool) -> Opened:
     """Open an existing log for writing and recover it (blocking).
 
-    Takes the writer lock (``flock(LOCK_EX | LOCK_NB)``); a log locked by another process
-    opens read-only. Scans it: corruption opens it read-only (logged as an error, never
-    cut); a torn tail is cut and kept (:func:`cut_torn_tail`); a file with no whole record
-    is a create that never completed, kept aside and removed. With ``durable`` the
-    recovered bytes are ``fdatasync``ed before anything can show them: their last writer
-    may have died before its sync, and the disk may have lost them since.
+    Only a regular file of ours is opened (:func:`open_own`). Takes the writer lock
+    (``flock(LOCK_EX | LOCK_NB)``); a log locked by another process opens read-only.
+    Scans it: corruption opens it read-only (logged as an error, never cut); a torn tail
+    is cut and kept (:func:`cut_torn_tail`); a file with no whole record is a create that
+    never completed, kept aside and removed. With ``durable`` the recovered bytes are
+    ``fdatasync``ed before anything can show them: their last writer may have died before
+    its sync, and the disk may have lost them since.
 
     :raises FileNotFoundError: no such log (or one whose create never completed).
+    :raises ForeignFileError: the path is not a regular file of ours.
     :raises OSError: recovery could not write, or the disk lost some of the bytes.
     """
-    fd: int | None = os.open(path, os.O_RDWR | os.O_APPEND)
-    reason = None
+    fd = open_own(path, os.O_RDWR | os.O_APPEND)
+    read_fd = -1
     try:
+        reason = None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(fd)
-            fd, reason = None, "another process holds this log"
-        with open(path, "rb") as stream:
+            reason = "another process holds this log"
+        with os.fdopen(os.dup(fd), "rb") as stream:  # the file we checked, not the path
+            stream.seek(0)
             found = scan(stream)
         if found.corrupt_at is not None:
             error = CorruptLogError(path, found.corrupt_at, found.reason)
             log.error("%s; opened read-only, nothing cut", error)
-            reason = str(error)
-        elif found.end == 0 and fd is not None:
+            reason = f"corrupt record at byte {found.corrupt_at}: {found.reason}"
+        elif reason is None and found.end == 0:
             # Not one record: the create never completed, so the conversation never
             # existed. Keep the bytes aside and report it missing.
             if found.size:
-                cut_torn_tail(path, found, file_io=file_io)
+                cut_torn_tail(path, fd, found, file_io=file_io)
             path.unlink()
             file_io.fsync_dir(path.parent)
-            raise FileNotFoundError(path)
-        elif found.torn and fd is not None:
-            cut_torn_tail(path, found, file_io=file_io)
-        if fd is not None and reason is None and durable:
+            raise FileNotFoundError(errno.ENOENT, "the log's create never completed", str(path))
+        elif reason is None and found.torn:
+            cut_torn_tail(path, fd, found, file_io=file_io)
+        if reason is None and durable:
             file_io.fdatasync(fd)
+        read_fd = _reader_of(path, fd)
     except BaseException:
-        if fd is not None:
-            os.close(fd)
-        raise
-    if reason is not None and fd is not None:
         os.close(fd)
-        fd = None
-    return Opened(fd, found, reason)
+        raise
+    if reason is not None:
+        os.close(fd)  # releases the lock, if this process took it
+        return Opened(None, read_fd, found, reason)
+    return Opened(fd, read_fd, found, None)
 
 
-def create_file(path: Path, data: bytes, *, file_io: FileIO) -> int:
+def create_file(path: Path, data: bytes, *, file_io: FileIO) -> tuple[int, int]:
     """Create a new log holding ``data`` (its first record), durably whatever the policy
-    (blocking): ``O_EXCL`` create, take the writer lock, write and ``fdatasync``, then
-    ``fsync`` the directory. On failure the file is removed.
+    (blocking): ``O_EXCL`` create (never through a symbolic link), take the writer lock,
+    write and ``fdatasync``, then ``fsync`` the directory. On failure the file is removed.
 
-    :returns: the fd, open ``O_RDWR | O_APPEND`` with its ``flock`` held.
+    :returns: ``(fd, read_fd)``: the log open ``O_RDWR | O_APPEND`` with its ``flock``
+        held, and open ``O_RDONLY`` for readers.
     :raises FileExistsError: the log exists.
     :raises OSError: a write or sync failed.
     """
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = open_own(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         file_io.write_all(fd, data)
         file_io.fdatasync(fd)
         file_io.fsync_dir(path.parent)
+        read_fd = _reader_of(path, fd)
     except BaseException:
         os.close(fd)
         path.unlink(missing_ok=True)
         raise
-    return fd
+    return fd, read_fd

@@ -8,10 +8,12 @@ once and kept open; the store is the only place that creates or opens them.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import re
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -19,7 +21,13 @@ from typing import Final
 from . import records
 from .commit import GroupCommit
 from .durability import Durability, FileIO
-from .errors import InvalidIdError, LogClosedError, LogError
+from .errors import (
+    DataDirLockedError,
+    ForeignFileError,
+    InvalidIdError,
+    LogClosedError,
+    LogError,
+)
 from .log import ConversationLog
 
 __all__ = [
@@ -65,9 +73,14 @@ class ConversationInfo:
 class Store:
     """The conversations of one data dir.
 
+    One process serves a data dir: the store holds an exclusive ``flock`` on
+    ``<data-dir>/chatledger.lock`` from construction until :meth:`close`.
+
     :param data_dir: created if missing (with ``conversations/`` inside).
     :param durability: policy for every log.
     :param file_io: the system-call layer (tests pass a fault-injecting subclass).
+    :raises DataDirLockedError: another process (a second server) holds the data dir.
+    :raises ForeignFileError: ``conversations/`` is a symbolic link or not ours.
     """
 
     def __init__(
@@ -87,6 +100,12 @@ class Store:
         self._opening: dict[str, asyncio.Task[ConversationLog]] = {}
         self._closed = False
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _lock_data_dir(self.data_dir)
+        try:
+            _check_directory(self.directory)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
 
     def path(self, conversation_id: str) -> Path:
         """The log path of a (valid) id. :raises InvalidIdError:"""
@@ -194,6 +213,40 @@ class Store:
         self._closed = True
         await asyncio.gather(*self._opening.values(), return_exceptions=True)
         logs, self._logs = self._logs, {}
-        for log in logs.values():
-            await log.close()
-        await self.commit.close()
+        try:
+            for log in logs.values():
+                await log.close()
+            await self.commit.close()
+        finally:
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)  # releases the data dir
+                self._lock_fd = -1
+
+
+LOCK_NAME: Final = "chatledger.lock"
+"""The file in the data dir whose ``flock`` says which process serves it."""
+
+
+def _lock_data_dir(data_dir: Path) -> int:
+    fd = os.open(
+        data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+    )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DataDirLockedError(
+            f"another chatledger process is serving {data_dir} (it holds {LOCK_NAME})"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_directory(directory: Path) -> None:
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode):
+        raise ForeignFileError(directory, "conversations/ is not a directory (a symbolic link?)")
+    if info.st_uid != os.geteuid():
+        raise ForeignFileError(directory, "conversations/ is owned by another user")
