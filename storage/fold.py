@@ -5,7 +5,8 @@ Two views are folded from a log's records, in order:
 * :class:`Summary`: what the store keeps in memory per log (title, times, the reply that
   is still open), updated one record at a time as records are appended or scanned.
 * :func:`messages`: the conversation as the page shows it and as prompts are built from
-  it. ``static/fold.js`` is the same fold in the browser; the two must agree.
+  it. ``static/fold.js`` is the same fold in the browser; the two must agree, and
+  ``tests/fold_fixtures.json`` (run through both by ``tests/test_fold.py``) checks they do.
 """
 
 from __future__ import annotations

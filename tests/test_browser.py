@@ -109,3 +109,126 @@ def test_stop_button_cancels_the_reply(browser, tmp_path):
         expect(reply.locator(".meta")).to_have_text("stopped")
         expect(page.locator("#send")).to_be_enabled()
         page.close()
+
+
+# Counts, from before the reply starts, what happens to the reply's text: every chunk must
+# be appended to the one text node the reply's element got first (characterData), never
+# put back with textContent (a childList change of the .text element: a flicker and O(n²)).
+WATCH_TEXT = """() => {
+  const watch = { article: null, first: null, appends: 0, resets: 0 };
+  window.watch = watch;
+  new MutationObserver((mutations) => {
+    for (const m of mutations) {
+      if (m.type === "childList") {
+        for (const node of m.addedNodes) {
+          if (node.matches?.(".message.assistant") && !watch.article) {
+            watch.article = node;
+            watch.first = node.querySelector(".text").firstChild;
+          }
+        }
+        if (m.target.classList?.contains("text")) watch.resets += 1;
+      } else if (m.type === "characterData" && m.target === watch.first) {
+        watch.appends += 1;
+      }
+    }
+  }).observe(document.getElementById("messages"),
+             { childList: true, characterData: true, subtree: true });
+}"""
+
+
+def test_a_streamed_reply_is_appended_to_never_reset(browser, tmp_path):
+    expect = playwright_sync.expect
+    tokens = 400
+    args = ("--demo-tokens-per-s", "200", "--demo-reply-tokens", str(tokens))
+    with serve(tmp_path / "data", *args) as server:
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.click("#new-chat")
+        expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+        conversation_id = page.evaluate("location.hash").split("/")[-1]
+        page.evaluate(WATCH_TEXT)
+        page.fill("#text", "a long one, please")
+        page.keyboard.press("Enter")
+        reply = page.locator(".message.assistant").last
+        expect(reply).to_have_attribute("data-finish", "stop", timeout=30_000)
+
+        with urllib.request.urlopen(
+            f"{server.url}/api/conversations/{conversation_id}/log", timeout=10
+        ) as response:
+            log = [json.loads(line) for line in response.read().splitlines()]
+        (start,) = [r for r in log if r["type"] == "start"]
+        chunks = [r for r in log if r["type"] == "chunk" and r["id"] == start["id"]]
+        full = "".join(c["text"] for c in chunks)
+        assert len(full.split()) == tokens
+
+        watch = page.evaluate(
+            """() => {
+              const text = window.watch.article.querySelector(".text");
+              return { same: text.firstChild === window.watch.first,
+                       nodes: text.childNodes.length, text: text.textContent,
+                       appends: window.watch.appends, resets: window.watch.resets };
+            }"""
+        )
+        assert watch["text"] == full
+        assert watch["same"]  # the node the element got first still holds the text
+        assert watch["nodes"] == 1
+        assert watch["resets"] == 0
+        # one append per chunk that carried text: the reply really streamed into the node
+        assert watch["appends"] == len([c for c in chunks if c["text"]])
+        page.close()
+
+
+def sse_events(records: list[dict]) -> str:
+    """An SSE body as the server frames it, with made-up offsets for event ids."""
+    frames = [
+        f"id: {(i + 1) * 100}\nevent: {r['type']}\ndata: {json.dumps(r)}\n\n"
+        for i, r in enumerate(records)
+    ]
+    return "retry: 500\n\n" + "".join(frames)
+
+
+def test_a_reply_whose_log_cannot_be_written_says_so(browser, tmp_path):
+    """A reply that goes quiet makes the page ask the server; a log that can no longer be
+    written (a disk fault: ``running`` null, ``writable`` false) is said so, not left
+    "generating". The stream and the conversation are faked; the page's clock runs fast."""
+    expect = playwright_sync.expect
+    records = [
+        {"type": "conversation", "ts": 1, "id": "c1", "title": "Disk", "model": "demo"},
+        {"type": "user", "ts": 2, "id": "u1", "text": "hi", "parent": None},
+        {"type": "start", "ts": 3, "id": "r1", "reply_to": "u1", "model": "demo"},
+        {"type": "chunk", "ts": 4, "id": "r1", "i": 0, "text": "saved so far"},
+    ]
+    sse = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+
+    def events(route):  # the records once; a resume (Last-Event-ID) gets nothing new
+        resumed = "last-event-id" in route.request.headers
+        route.fulfill(status=200, headers=sse, body="" if resumed else sse_events(records))
+
+    asked = []
+
+    def conversation(route):
+        asked.append(route.request.url)
+        route.fulfill(json={"id": "c1", "running": None, "writable": False, "offset": 400})
+
+    with serve(tmp_path / "data") as server:
+        page = browser.new_page()
+        page.clock.install()
+        page.route("**/api/conversations/c1/events?*", events)
+        page.route("**/api/conversations/c1", conversation)
+        page.goto(server.url + "/#/c/c1")
+        reply = page.locator(".message.assistant")
+        expect(reply).to_have_class("message assistant generating")
+        expect(page.locator("#stop")).to_be_visible()
+        assert asked == []
+        page.clock.run_for(16_000)  # no event for longer than the watchdog waits
+        expect(page.locator("#error")).to_contain_text("can no longer be saved")
+        expect(reply).to_have_class("message assistant finish-error")
+        expect(reply.locator(".meta")).to_have_text(
+            "stopped: the server could not save more of this reply"
+        )
+        expect(reply.locator(".text")).to_have_text("saved so far")
+        expect(page.locator("#stop")).to_be_hidden()
+        expect(page.locator("#send")).to_be_disabled()
+        expect(page.locator("#text")).to_be_disabled()
+        assert len(asked) >= 1
+        page.close()

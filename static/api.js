@@ -1,0 +1,103 @@
+// Every HTTP call the page makes, and their one error shape. The server answers errors as
+// JSON {"error": "<code>", "message": "<human text>"} (DESIGN.md "The HTTP API"); here they
+// become an ApiError carrying the HTTP status and that code.
+
+/** An HTTP error answer of the API. */
+export class ApiError extends Error {
+  /**
+   * @param {string} message the server's `message`, else "<status> <statusText>"
+   * @param {number} status the HTTP status (4xx, 5xx)
+   * @param {string|undefined} code the server's `error` code, e.g. "reply_running"
+   * @param {object} body the whole JSON body (some errors carry more, e.g. `offset`)
+   */
+  constructor(message, status, code, body) {
+    super(message);
+    this.name = "ApiError";
+    this.status = status;
+    this.code = code;
+    this.body = body;
+  }
+}
+
+/**
+ * One JSON request. A network failure rejects with fetch's own TypeError.
+ * @param {string} method "GET", "POST", ...
+ * @param {string} path e.g. "/api/conversations"
+ * @param {object} [body] sent as JSON when given
+ * @returns {Promise<any>} the parsed JSON answer ({} when it has none)
+ * @throws {ApiError} when the status is not 2xx
+ */
+export async function request(method, path, body) {
+  const response = await fetch(path, {
+    method,
+    headers: body === undefined ? {} : { "Content-Type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const data = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const message = data.message || `${response.status} ${response.statusText}`;
+    throw new ApiError(message, response.status, data.error, data);
+  }
+  return data;
+}
+
+const conversationPath = (id) => `/api/conversations/${encodeURIComponent(id)}`;
+
+/**
+ * The conversation list, newest first.
+ * @returns {Promise<Array<{id: string, title: string, created: number, updated: number,
+ *   size: number, running: string|null}>>} times in ms since the epoch, size in bytes
+ */
+export function listConversations() {
+  return request("GET", "/api/conversations");
+}
+
+/**
+ * Create a conversation.
+ * @param {{title?: string, model?: string, system?: string}} [fields]
+ * @returns {Promise<{id: string, title: string}>} the new conversation (201)
+ */
+export function createConversation(fields = {}) {
+  return request("POST", "/api/conversations", fields);
+}
+
+/**
+ * One conversation, folded by the server.
+ * @param {string} id
+ * @returns {Promise<{messages: object[], offset: number, running: string|null,
+ *   writable: boolean}>} `offset` in bytes: where the fold stopped
+ */
+export function getConversation(id) {
+  return request("GET", conversationPath(id));
+}
+
+/**
+ * Send a user message; the server starts the reply (202).
+ * @param {string} id conversation id
+ * @param {string} text
+ * @returns {Promise<{message_id: string, reply_id: string, offset: number}>}
+ * @throws {ApiError} 409 `reply_running` while a reply runs
+ */
+export function sendMessage(id, text) {
+  return request("POST", `${conversationPath(id)}/messages`, { text });
+}
+
+/**
+ * Cancel the running reply.
+ * @param {string} id conversation id
+ * @returns {Promise<{reply_id: string, offset: number}>}
+ * @throws {ApiError} 409 `no_reply_running` when none runs
+ */
+export function stopReply(id) {
+  return request("POST", `${conversationPath(id)}/stop`);
+}
+
+/**
+ * The URL of a conversation's event stream (SSE) starting at a byte offset.
+ * @param {string} id conversation id
+ * @param {number} from a record boundary (bytes); 0 for the whole log
+ * @returns {string}
+ */
+export function eventsUrl(id, from) {
+  return `${conversationPath(id)}/events?from=${from}`;
+}

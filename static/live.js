@@ -1,0 +1,84 @@
+// Following one conversation's event stream (DESIGN.md "SSE stream"): EventSource, its
+// reconnects, a restart from 0 when the server refuses the stream, and a watchdog for a
+// reply that goes quiet. No DOM: connection states go to a callback.
+
+/** How long to wait before reopening a refused stream from offset 0, in ms. */
+export const RESTART_DELAY_MS = 3000;
+/** How often the watchdog looks, and how long without an event counts as a stall, in ms. */
+export const WATCH_EVERY_MS = 5000;
+export const STALL_AFTER_MS = 10000;
+
+/**
+ * Open the event stream at `from` and keep following it.
+ *
+ * Each event is one log record: `event.data` is the record's JSON line, `event.lastEventId`
+ * the byte offset just after it. After a dropped connection EventSource resumes by itself
+ * with `Last-Event-ID`, so records arrive with no gap and no duplicate. When the server
+ * refuses the stream (the EventSource closes: e.g. 404, or 416 for an offset it does not
+ * have), `onRestart` is called after RESTART_DELAY_MS and the stream reopens from 0: the
+ * caller must drop what it folded so far.
+ *
+ * @param {object} options
+ * @param {(from: number) => string} options.url the events URL starting at a byte offset
+ * @param {number} [options.from] the first offset (a record boundary, bytes); default 0
+ * @param {string[]} options.types the SSE event names (record types) to listen for
+ * @param {(record: object, offset: number) => void} options.onRecord each record, in order
+ * @param {(state: "connecting"|"live"|"reconnecting"|"lost", label: string) => void}
+ *   options.onState the connection state, with a label for people
+ * @param {() => void} options.onRestart the stream is about to restart from offset 0
+ * @param {() => boolean} [options.waiting] whether an event is due now (a reply runs)
+ * @param {() => void} [options.onStall] every WATCH_EVERY_MS while `waiting()` and no
+ *   event came for STALL_AFTER_MS
+ * @returns {{close: () => void}} stop following: closes the stream and the watchdog
+ */
+export function follow(options) {
+  const { url, types, onRecord, onState, onRestart } = options;
+  const waiting = options.waiting ?? (() => false);
+  const onStall = options.onStall ?? (() => {});
+  let source = null;
+  let closed = false;
+  let restartTimer = null;
+  let lastEventAt = Date.now();
+
+  function connect(from) {
+    source = new EventSource(url(from));
+    const opened = source;
+    onState("connecting", "connecting…");
+    opened.onopen = () => {
+      if (!closed) onState("live", "live");
+    };
+    opened.onerror = () => {
+      if (closed || opened !== source) return;
+      if (opened.readyState === EventSource.CONNECTING) {
+        onState("reconnecting", "connection lost, reconnecting…");
+        return;
+      }
+      onState("lost", "connection lost"); // CLOSED: the server refused the stream
+      restartTimer = setTimeout(() => {
+        if (closed) return;
+        onRestart();
+        connect(0);
+      }, RESTART_DELAY_MS);
+    };
+    const onEvent = (event) => {
+      if (closed || opened !== source) return;
+      lastEventAt = Date.now();
+      onRecord(JSON.parse(event.data), Number(event.lastEventId));
+    };
+    for (const type of types) opened.addEventListener(type, onEvent);
+  }
+
+  const watchdog = setInterval(() => {
+    if (!closed && waiting() && Date.now() - lastEventAt >= STALL_AFTER_MS) onStall();
+  }, WATCH_EVERY_MS);
+
+  connect(options.from ?? 0);
+  return {
+    close() {
+      closed = true;
+      clearInterval(watchdog);
+      clearTimeout(restartTimer);
+      if (source) source.close();
+    },
+  };
+}

@@ -1,0 +1,194 @@
+// Rendering: a folded view (fold.js) into the page's elements. No network calls, no state
+// but the DOM nodes it made. Text is always inserted as text, never as HTML. A streaming
+// reply is rendered by appending each new piece to the text node already on the page, so a
+// reply of n characters costs O(n) in all, not O(n) per chunk.
+
+import { isOpen } from "./fold.js";
+
+/**
+ * What one message's element shows of it.
+ * @typedef {object} Entry
+ * @property {HTMLElement} node the <article class="message ...">
+ * @property {HTMLElement} body its <div class="text">
+ * @property {HTMLElement} meta its <span class="meta"> (finish, token count)
+ * @property {Text} text the text node inside `body` that the message's text goes into
+ * @property {object} message the folded message last rendered here
+ * @property {number} shown how many UTF-16 code units of `message.text` `text` holds
+ */
+
+/**
+ * The message list of one conversation, rendered incrementally into `container`.
+ * @param {HTMLElement} container the #messages element
+ * @returns {{render: (view: object, changed: object|null, state?: {failed?: boolean}) => void,
+ *   clear: () => void}} `render` shows the message a record changed (`changed`, from
+ *   fold.js applyRecord), keeping the list scrolled to the bottom if it was there; `clear`
+ *   empties the list (a new conversation, or the view rebuilt from offset 0)
+ */
+export function createMessageList(container) {
+  /** @type {Map<string, Entry>} */
+  const entries = new Map();
+
+  function entryFor(message) {
+    let entry = entries.get(message.id);
+    if (!entry) {
+      const node = document.createElement("article");
+      node.dataset.id = message.id;
+      const body = document.createElement("div");
+      body.className = "text";
+      const text = document.createTextNode("");
+      body.append(text);
+      const meta = document.createElement("span");
+      meta.className = "meta";
+      node.append(body, meta);
+      container.append(node);
+      entry = { node, body, meta, text, message, shown: 0 };
+      entries.set(message.id, entry);
+    }
+    return entry;
+  }
+
+  function update(view, message, failed) {
+    const entry = entryFor(message);
+    renderText(entry, message);
+    renderStatus(entry, message, isOpen(view, message.id), failed);
+  }
+
+  return {
+    render(view, changed, { failed = false } = {}) {
+      if (!changed) return;
+      const nearBottom =
+        container.scrollHeight - container.scrollTop - container.clientHeight < 80;
+      update(view, changed, failed);
+      if (nearBottom) container.scrollTop = container.scrollHeight;
+    },
+    clear() {
+      entries.clear();
+      container.replaceChildren();
+    },
+  };
+}
+
+/**
+ * Bring a message's text on the page up to `message.text`.
+ *
+ * The fold only ever appends to a message's text, so what is new is the tail past
+ * `entry.shown`: it is appended to the one text node (`appendData`), never set anew.
+ * Should the text not have grown from what is shown (another message under the same id),
+ * the node's text is replaced once.
+ *
+ * Markdown hook: model text (`message.role === "assistant"`) is to be rendered as Markdown
+ * through a sanitizer here (DESIGN.md "The page"), e.g. by re-rendering only the last open
+ * block as chunks arrive. Until then it is plain text like user text, which stays text.
+ * @param {Entry} entry
+ * @param {{text: string}} message
+ */
+function renderText(entry, message) {
+  const text = message.text ?? "";
+  if (entry.message !== message || text.length < entry.shown) {
+    entry.message = message;
+    entry.text.data = text;
+  } else if (text.length > entry.shown) {
+    entry.text.appendData(text.slice(entry.shown));
+  }
+  entry.shown = text.length;
+}
+
+function renderStatus(entry, message, open, failed) {
+  const { node, meta } = entry;
+  let className = `message ${message.role}`;
+  let line = "";
+  if (message.role === "assistant") {
+    const finish = message.finish ?? "";
+    if (node.dataset.finish !== finish) node.dataset.finish = finish;
+    if (open && failed) {
+      className += " finish-error";
+      line = "stopped: the server could not save more of this reply";
+    } else if (open) {
+      className += " generating";
+    } else {
+      if (finish) className += ` finish-${finish}`;
+      line = describeFinish(message);
+    }
+  }
+  if (node.className !== className) node.className = className;
+  setText(meta, line);
+}
+
+function setText(element, text) {
+  if (element.textContent !== text) element.textContent = text;
+}
+
+/**
+ * The line under a finished reply.
+ * @param {{finish: string|null, usage: object|null, error: string|null}} message
+ * @returns {string} e.g. "42 tokens", "stopped", "error: ..."
+ */
+export function describeFinish(message) {
+  switch (message.finish) {
+    case "stop": return message.usage?.completion_tokens ? `${message.usage.completion_tokens} tokens` : "";
+    case "length": return "stopped at the length limit";
+    case "cancelled": return "stopped";
+    case "interrupted": return "interrupted (the server stopped)";
+    case "error": return `error: ${message.error || "the reply failed"}`;
+    default: return message.finish ?? "";
+  }
+}
+
+/**
+ * The header and composer for a view: title, the tab's title, and which of text, Send and
+ * Stop can be used (Send waits while a reply runs; nothing can be sent to a failed log).
+ * @param {{title: HTMLElement, text: HTMLTextAreaElement, send: HTMLButtonElement,
+ *   stop: HTMLButtonElement}} ui
+ * @param {object} view from fold.js
+ * @param {{running: boolean, failed: boolean}} state
+ */
+export function renderControls(ui, view, { running, failed }) {
+  ui.title.textContent = view.title || "New chat";
+  document.title = `${view.title || "chat"} · chatledger`;
+  ui.text.disabled = failed;
+  ui.send.disabled = running || failed;
+  ui.stop.hidden = !running;
+}
+
+/**
+ * The conversation list in the sidebar.
+ * @param {HTMLElement} list the #conversations <ul>
+ * @param {Array<{id: string, title: string, updated: number}>} rows newest first;
+ *   `updated` in ms since the epoch
+ * @param {string|null} currentId the open conversation, marked aria-current
+ */
+export function renderList(list, rows, currentId) {
+  list.replaceChildren(
+    ...rows.map((row) => {
+      const item = document.createElement("li");
+      const link = document.createElement("a");
+      link.href = `#/c/${row.id}`;
+      link.textContent = row.title || "New chat";
+      link.title = new Date(row.updated).toLocaleString();
+      if (row.id === currentId) link.setAttribute("aria-current", "page");
+      item.append(link);
+      return item;
+    }),
+  );
+}
+
+/**
+ * Show an error line, or hide it.
+ * @param {HTMLElement} element the #error element
+ * @param {string} [message] nothing or "" hides it
+ */
+export function showError(element, message) {
+  element.textContent = message || "";
+  element.hidden = !message;
+}
+
+/**
+ * Show the connection state.
+ * @param {HTMLElement} element the #connection element (style.css colours by data-state)
+ * @param {string} state "connecting" | "live" | "reconnecting" | "lost"
+ * @param {string} label what people read
+ */
+export function showConnection(element, state, label) {
+  element.dataset.state = state;
+  element.textContent = label;
+}
