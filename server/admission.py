@@ -1,6 +1,6 @@
 """Admission control: limits that keep one client from exhausting the server.
 
-* request body size: aiohttp's ``client_max_size`` (``413``, see :mod:`server.api`);
+* request body size: aiohttp's ``client_max_size`` (``413``, see :mod:`server.errors`);
 * concurrent event streams, server-wide: :class:`StreamSlots` (``429``);
 * messages per minute per client: :class:`MessageRate`, a moving window from the
   ``limits`` library (``429`` with ``Retry-After``).

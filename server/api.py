@@ -1,42 +1,28 @@
 """The HTTP API of DESIGN.md: JSON routes and the SSE event stream.
 
 Errors are JSON ``{"error": "<code>", "message": "<human text>"}`` (plus fields such as
-``offset``) with a 4xx status for bad input and 5xx only for faults of the server
-(:func:`json_errors`); no stack trace reaches a client. A conversation id is checked
-before any file is touched.
+``offset``) with a 4xx status for bad input and 5xx only for faults of the server; storage
+errors escape the handlers and :mod:`server.errors` answers them. A conversation id is
+checked before any file is touched.
 """
 
 from __future__ import annotations
 
-import asyncio
-import errno
 import logging
-from typing import Any, NoReturn
+from typing import Any
 
 import orjson
 from aiohttp import web
 
-from ..storage import (
-    ConversationLog,
-    InvalidIdError,
-    LogClosedError,
-    LogError,
-    LogFailedError,
-    LogReadOnlyError,
-    OffsetBoundaryError,
-    OffsetError,
-    Store,
-    check_id,
-    records,
-)
+from ..storage import ConversationLog, Store, check_id, records
 from ..storage.fold import messages
 from . import __version__, sse
-from .admission import TooManyError
+from .errors import ApiError, during
 from .generation import NoReplyError, Replies, ReplyRunningError, Started
 from .keys import MESSAGE_RATE, PROVIDER, REPLIES, SETTINGS, STORE, STREAM_SLOTS
 from .stream import EventStream
 
-__all__ = ["ApiError", "json_errors", "routes"]
+__all__ = ["routes"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,62 +31,8 @@ routes = web.RouteTableDef()
 MAX_TITLE_CHARS = 200
 
 
-class ApiError(Exception):
-    """An error answer: HTTP ``status``, machine ``code``, human ``message``, extra fields."""
-
-    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.extra = extra
-
-
-def _json(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
-    )
-
-
-_HTTP_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "body_too_large",
-}
-
-
-@web.middleware
-async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Turn every error into a JSON answer; log unexpected ones with their stack."""
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        return _json({"error": exc.code, "message": exc.message, **exc.extra}, status=exc.status)
-    except TooManyError as exc:
-        return _json(
-            {"error": "too_many_requests", "message": str(exc), "retry_after": exc.retry_after},
-            status=429,
-            headers={"Retry-After": str(exc.retry_after)},
-        )
-    except LogClosedError:
-        return _json(
-            {"error": "shutting_down", "message": "the server is shutting down"}, status=503
-        )
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
-        code = _HTTP_CODES.get(exc.status, "http_error")
-        return _json({"error": code, "message": exc.reason}, status=exc.status, headers=headers)
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        logger.exception("%s %s failed", request.method, request.path)
-        return _json(
-            {"error": "internal", "message": "the server failed to handle this request"},
-            status=500,
-        )
+def _json(data: Any, *, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -131,30 +63,9 @@ def _optional_str(body: dict[str, Any], name: str, *, max_chars: int | None = No
 
 
 async def _log(request: web.Request) -> ConversationLog:
-    conversation_id = request.match_info["conversation_id"]
-    try:
-        check_id(conversation_id)
+    conversation_id = check_id(request.match_info["conversation_id"])  # before any file
+    with during("open"):
         return await request.app[STORE].open(conversation_id)
-    except InvalidIdError:
-        raise ApiError(400, "invalid_id", "conversation ids match ^[A-Za-z0-9_-]{1,64}$") from None
-    except FileNotFoundError:
-        raise ApiError(404, "not_found", "no such conversation") from None
-    except LogClosedError:
-        raise ApiError(503, "shutting_down", "the server is shutting down") from None
-    except OSError as exc:  # e.g. the disk lost bytes the log's last writer wrote
-        raise ApiError(
-            503, "log_unavailable", f"this conversation's log cannot be opened: {exc.strerror}"
-        ) from None
-
-
-def _raise_log_error(exc: LogError) -> NoReturn:
-    if isinstance(exc, LogFailedError):
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ApiError(507, "disk_full", "the disk is full; this conversation cannot grow")
-        raise ApiError(503, "log_failed", f"this conversation's log cannot be written: {exc}")
-    if isinstance(exc, LogReadOnlyError):
-        raise ApiError(503, "read_only", f"this conversation is read-only: {exc}")
-    raise ApiError(503, "shutting_down", "the server is shutting down")
 
 
 def _info(conversation_id: str, log: ConversationLog, replies: Replies) -> dict[str, Any]:
@@ -206,13 +117,12 @@ async def create_conversation(request: web.Request) -> web.Response:
     model = _optional_str(body, "model", max_chars=200) or request.app[PROVIDER].model
     system = _optional_str(body, "system", max_chars=request.app[SETTINGS].max_message_chars)
     store: Store = request.app[STORE]
-    try:
-        log = await store.create(title=title, model=model, system=system)
-    except OSError as exc:
-        logger.error("cannot create a conversation: %s", exc)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ApiError(507, "disk_full", "the disk is full") from None
-        raise ApiError(503, "storage_failed", "the conversation could not be created") from None
+    with during("create"):
+        try:
+            log = await store.create(title=title, model=model, system=system)
+        except OSError as exc:
+            logger.error("cannot create a conversation: %s", exc)
+            raise
     conversation_id = log.summary.conversation_id or ""
     return _json(_info(conversation_id, log, request.app[REPLIES]), status=201)
 
@@ -273,8 +183,6 @@ async def _send(replies: Replies, conversation_id: str, log: ConversationLog, te
             "a reply is already running in this conversation",
             reply_id=replies.running(conversation_id),
         ) from None
-    except LogError as exc:
-        _raise_log_error(exc)
 
 
 @routes.post("/api/conversations/{conversation_id}/stop")
@@ -319,16 +227,10 @@ async def events(request: web.Request) -> web.StreamResponse:
 async def _stream(
     request: web.Request, log: ConversationLog, start: int, *, until_end_of: str | None = None
 ) -> web.StreamResponse:
-    """Check ``start`` (a ``416`` JSON error when it is no record boundary of the
-    committed log), then stream (:class:`server.stream.EventStream`). The caller holds a
-    stream slot."""
-    try:
-        await log.check_offset(start)
-    except OffsetError as exc:
-        code = (
-            "offset_not_boundary" if isinstance(exc, OffsetBoundaryError) else "offset_out_of_range"
-        )
-        raise ApiError(416, code, str(exc), offset=exc.committed) from None
+    """Check ``start`` (an :class:`~storage.OffsetError`, answered ``416``, when it is no
+    record boundary of the committed log), then stream
+    (:class:`server.stream.EventStream`). The caller holds a stream slot."""
+    await log.check_offset(start)
     settings = request.app[SETTINGS]
     stream = EventStream(
         request,

@@ -1,10 +1,13 @@
-"""``init_app()``: the aiohttp application, its resources and its shutdown.
+"""``init_app()``: the aiohttp application, its resources and its one shutdown path.
 
-Resources live in one ``cleanup_ctx``: the store (every log opened and recovered at
-startup), the provider (for ``local``, a supervised child process) and the reply tasks.
-Shutdown (SIGINT/SIGTERM under ``web.run_app``) runs ``on_shutdown`` while requests may
-still be in flight: running replies get ``end`` with ``finish: "interrupted"``, then every
-log closes, so each open event stream sends its last events and ends cleanly.
+Resources live in one ``cleanup_ctx`` (:func:`_resources`): at startup it opens and
+recovers every log of the store and starts the provider (for ``local``, a supervised
+child process); at cleanup, once every request has ended, it closes the provider.
+
+Shutdown (``on_shutdown``: SIGINT/SIGTERM under ``web.run_app``, or a test client's close)
+runs once, while requests may still be in flight and before aiohttp waits for them:
+running replies get ``end`` with ``finish: "interrupted"``, then every log closes, so each
+open event stream sends its last events and ends cleanly.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from aiohttp import web
 
 from ..storage import FileIO, Store
 from .admission import MessageRate, StreamSlots
-from .api import json_errors, routes
+from .api import routes
+from .errors import json_errors
 from .generation import Replies
 from .keys import MESSAGE_RATE, PROVIDER, REPLIES, SETTINGS, STORE, STREAM_SLOTS
 from .providers import Provider
@@ -86,27 +90,29 @@ def init_app(
     app.router.add_get("/", _index)
     app.router.add_static("/static/", STATIC_DIR, append_version=False)
     app.cleanup_ctx.append(_resources)
-    app.on_shutdown.append(_end_streams)
+    app.on_shutdown.append(_shut_down)
     return app
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
-    store = app[STORE]
-    provider = app[PROVIDER]
-    logs = await store.open_all()
-    logger.info("opened %d conversation logs in %s", len(logs), store.directory)
-    await provider.start()
+    store, provider = app[STORE], app[PROVIDER]
+    try:
+        logs = await store.open_all()
+        logger.info("opened %d conversation logs in %s", len(logs), store.directory)
+        await provider.start()
+    except BaseException:
+        await store.close()  # releases the data dir
+        raise
     try:
         yield
     finally:
-        await app[REPLIES].shutdown()
-        await store.close()
-        await provider.close()
+        await provider.close()  # no reply runs any more: _shut_down ended them
 
 
-async def _end_streams(app: web.Application) -> None:
-    await app[REPLIES].shutdown()
-    await app[STORE].close()
+async def _shut_down(app: web.Application) -> None:
+    """The one shutdown path (see the module's docstring); aiohttp runs it once."""
+    await app[REPLIES].shutdown()  # every reply ends "interrupted"; no new one starts
+    await app[STORE].close()  # queued appends commit; then each event stream ends
 
 
 async def _index(request: web.Request) -> web.FileResponse:

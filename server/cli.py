@@ -11,39 +11,37 @@ last event) and exits 0.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import enum
 import gc
 import logging
 import resource
 import sys
 from pathlib import Path
+from typing import Any
 
 import uvloop
 from aiohttp import web
 
-from ..storage import Durability
 from ..storage.verify import verify_dir
 from . import __version__
 from .app import build_provider, init_app
 from .providers import ProviderError
-from .settings import Settings
+from .settings import FLAG, Flag, Settings
 
-__all__ = ["main", "parser"]
+__all__ = ["main", "parser", "settings_from"]
 
-
-def _non_negative(kind: type) -> object:
-    def parse(text: str) -> object:
-        value = kind(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError("must not be negative")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
+_FLAGS: dict[str, tuple[dataclasses.Field[Any], Flag]] = {
+    setting.name: (setting, setting.metadata[FLAG])
+    for setting in dataclasses.fields(Settings)
+    if FLAG in setting.metadata
+}
+"""The settings that are ``serve`` flags, by field name, in declaration order."""
 
 
 def parser() -> argparse.ArgumentParser:
-    """The argument parser of ``chatledger``."""
-    defaults = Settings()
+    """The argument parser of ``chatledger``: ``serve`` takes a flag per setting that
+    declares one (:class:`~server.settings.Flag`), ``verify`` takes ``--data-dir``."""
     top = argparse.ArgumentParser(
         prog="chatledger",
         description="A self-hosted chat server whose conversation log is the ground truth.",
@@ -51,92 +49,58 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--version", action="version", version=f"chatledger {__version__}")
     commands = top.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the chat server")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8080, help="TCP port (8080)")
-    serve.add_argument(
-        "--data-dir",
-        type=Path,
-        default=defaults.data_dir,
-        help="where logs live (./chatledger-data)",
-    )
-    serve.add_argument(
-        "--durability",
-        choices=[d.value for d in Durability],
-        default=defaults.durability.value,
-        help="fsync: fdatasync before a record is shown (default); flush: write() only",
-    )
-    serve.add_argument(
-        "--keepalive",
-        type=_non_negative(float),
-        default=defaults.keepalive,
-        help="seconds without an event before a ': keep-alive' comment (15)",
-    )
-    serve.add_argument(
-        "--llm",
-        choices=["demo", "openai", "local"],
-        default=defaults.llm,
-        help="demo: offline made-up answers (default); openai: any OpenAI-compatible "
-        "endpoint; local: a GGUF model run by llama.cpp in a child process",
-    )
-    serve.add_argument(
-        "--base-url",
-        default=defaults.base_url,
-        help="Chat Completions base URL for --llm openai (key from $OPENAI_API_KEY)",
-    )
-    serve.add_argument("--model", default=None, help="model name for --llm openai")
-    serve.add_argument(
-        "--model-path", type=Path, default=None, help="GGUF file for --llm local (SmolLM2-135M)"
-    )
-    serve.add_argument(
-        "--max-reply-tokens",
-        type=int,
-        default=defaults.max_reply_tokens,
-        help="cap on a reply's length in tokens for --llm openai/local (1024)",
-    )
-    serve.add_argument(
-        "--demo-tokens-per-s",
-        type=_non_negative(float),
-        default=defaults.demo_tokens_per_s,
-        help="pace of --llm demo in tokens per second; 0 = as fast as it can (30)",
-    )
-    serve.add_argument(
-        "--demo-reply-tokens",
-        type=int,
-        default=defaults.demo_reply_tokens,
-        help="tokens in a --llm demo reply (60)",
-    )
-    serve.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=defaults.max_body_bytes,
-        help="largest request body in bytes; larger gets 413 (262144)",
-    )
-    serve.add_argument(
-        "--max-streams",
-        type=int,
-        default=defaults.max_streams,
-        help="event streams open at once; more get 429 (2000; 0 = no limit)",
-    )
-    serve.add_argument(
-        "--messages-per-minute",
-        type=int,
-        default=defaults.messages_per_minute,
-        help="messages one client may send a minute; more get 429 (20; 0 = no limit)",
-    )
-    serve.add_argument(
-        "--trusted-proxy",
-        action="append",
-        default=[],
-        metavar="ADDR",
-        help="a reverse proxy's address (repeatable); X-Forwarded-For from it names the client",
-    )
+    for name in _FLAGS:
+        _add_flag(serve, name)
     verify = commands.add_parser(
         "verify", help="check every conversation log, read-only; exit 1 if any is wrong"
     )
-    verify.add_argument(
-        "--data-dir", type=Path, default=defaults.data_dir, help="the data dir (./chatledger-data)"
-    )
+    _add_flag(verify, "data_dir")
     return top
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The ``Settings`` of a parsed ``serve`` command line (see :func:`parser`)."""
+    values = {}
+    for name, (_, flag) in _FLAGS.items():
+        value = getattr(args, name)
+        if flag.repeatable:
+            value = tuple(value)
+        if flag.to_setting is not None:
+            value = flag.to_setting(value)
+        values[name] = value
+    return Settings(**values)
+
+
+def _add_flag(command: argparse.ArgumentParser, name: str) -> None:
+    setting, flag = _FLAGS[name]
+    options: dict[str, Any] = {"dest": name, "help": _help(flag.help, setting.default)}
+    if flag.repeatable:
+        options.update(action="append", default=list(setting.default))
+    else:
+        options["default"] = setting.default
+    if flag.parse is not None:
+        options["type"] = flag.parse
+    if flag.choices is not None:
+        options["choices"] = flag.choices
+    if flag.metavar is not None:
+        options["metavar"] = flag.metavar
+    command.add_argument(flag.name or "--" + name.replace("_", "-"), **options)
+
+
+def _help(text: str, default: object) -> str:
+    """``text`` and the default as a person would type it (none shown for an absent one)."""
+    if default is None or default == ():
+        shown = None
+    elif isinstance(default, enum.Enum):
+        shown = str(default.value)
+    elif isinstance(default, Path) and not default.is_absolute():
+        shown = f"./{default}"
+    elif isinstance(default, float):
+        shown = f"{default:g}"
+    else:
+        shown = str(default)
+    text = text if shown is None else f"{text} (default: {shown})"
+    return text.replace("%", "%%")  # argparse %-formats help texts
 
 
 def verify(data_dir: Path) -> int:
@@ -176,22 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    settings = Settings(
-        data_dir=args.data_dir,
-        durability=Durability(args.durability),
-        keepalive=args.keepalive,
-        llm=args.llm,
-        base_url=args.base_url,
-        model=args.model,
-        model_path=args.model_path,
-        max_reply_tokens=args.max_reply_tokens,
-        demo_tokens_per_s=args.demo_tokens_per_s,
-        demo_reply_tokens=args.demo_reply_tokens,
-        max_body_bytes=args.max_body_bytes,
-        max_streams=args.max_streams,
-        messages_per_minute=args.messages_per_minute,
-        trusted_proxies=tuple(args.trusted_proxy),
-    )
+    settings = settings_from(args)
     try:
         provider = build_provider(settings)
         app = init_app(settings, provider=provider)
@@ -199,17 +148,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chatledger: {exc}", file=sys.stderr)
         return 2
     _raise_open_file_limit()
-    host = f"[{args.host}]" if ":" in args.host else args.host
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
     line = (
-        f"chatledger {__version__} serving http://{host}:{args.port}/ "
+        f"chatledger {__version__} serving http://{host}:{settings.port}/ "
         f"data dir {settings.data_dir.resolve()} | llm {provider.name} ({provider.model}) "
         f"| durability {settings.durability.value}"
     )
     _tune_gc()
     web.run_app(
         app,
-        host=args.host,
-        port=args.port,
+        host=settings.host,
+        port=settings.port,
         print=lambda _: print(line, flush=True),
         shutdown_timeout=10.0,
         backlog=1024,  # many browsers (re)connecting at once

@@ -23,11 +23,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..storage import ConversationLog, LogClosedError, LogError, new_id, records
 from ..storage.fold import messages, prompt
-from .providers import Provider, ProviderError
+from .providers import Delta, Provider, ProviderError
 
 __all__ = ["NoReplyError", "ReplyRunningError", "Replies", "Started"]
 
@@ -63,6 +65,10 @@ class _Reply:
     begun: bool = False  # the task has started running
     stop_requested: bool = False
     created: asyncio.Event = field(default_factory=asyncio.Event)  # task made, or send failed
+    # What its end record will say, so far:
+    finish: str = "stop"
+    usage: dict[str, Any] | None = None
+    error: str | None = None
 
     def request_stop(self, finish: str) -> None:
         """End the reply with ``finish``. A task that has not begun is not cancelled (its
@@ -163,59 +169,98 @@ class Replies:
     async def _run(
         self, conversation_id: str, log: ConversationLog, reply: _Reply, message_id: str
     ) -> None:
+        """The reply task: begin, build the prompt, stream the chunks, and always finish,
+        with the ``finish`` (and ``error``) of how it went (see the module's table)."""
         reply.begun = True
         model = log.summary.model or self.provider.model
-        finish, usage, error = "stop", None, None
         try:
-            # Queued, not awaited: it commits before any chunk, and the prompt is built from
-            # committed records, where the message already is (an unfinished reply is
-            # left out of it anyway).
-            log.append_nowait(
-                records.start(reply_id=reply.reply_id, reply_to=message_id, model=model)
-            )
-            if reply.stop_requested:  # stopped before it began
-                raise asyncio.CancelledError
-            history = messages(records.decode_all(await log.read()))
-            stream = self.provider.stream(prompt(log.summary.system, history), model=model)
-            index = 0
-            last: asyncio.Future[int] | None = None
-            try:
-                async for delta in stream:
-                    if delta.text:
-                        # Pipelined: the chunk is queued and commits in order; no reader
-                        # can see it before it is committed. A failed log refuses the
-                        # next chunk at once, which stops the provider stream.
-                        last = log.append_nowait(
-                            records.chunk(reply_id=reply.reply_id, i=index, text=delta.text)
-                        )
-                        index += 1
-                        if log.backlog >= MAX_BACKLOG:
-                            await last
-                    if delta.finish_reason is not None:
-                        finish = "length" if delta.finish_reason == "length" else "stop"
-                    if delta.usage is not None:
-                        usage = delta.usage
-                if last is not None:
-                    await last
-            finally:
-                with contextlib.suppress(Exception):
-                    await stream.aclose()  # type: ignore[attr-defined]
+            self._begin(log, reply, message_id, model)
+            stream = self.provider.stream(await self._prompt(log), model=model)
+            await self._stream_chunks(log, reply, stream)
         except asyncio.CancelledError:
-            finish = reply.finish_on_cancel
+            reply.finish = reply.finish_on_cancel
             _uncancel()
         except ProviderError as exc:
-            finish, error = "error", str(exc)
+            reply.finish, reply.error = "error", str(exc)
             logger.warning("reply %s in %s failed: %s", reply.reply_id, conversation_id, exc)
         except LogError as exc:
-            finish, error = "error", str(exc)
+            reply.finish, reply.error = "error", str(exc)
             logger.error("reply %s in %s stopped: %s", reply.reply_id, conversation_id, exc)
         except Exception as exc:
-            finish, error = "error", "internal error while generating the reply"
+            reply.finish, reply.error = "error", "internal error while generating the reply"
             logger.exception("reply %s in %s crashed: %s", reply.reply_id, conversation_id, exc)
-        # Always appended: a start queued before a cancellation still commits, first.
+        try:
+            await self._finish(conversation_id, log, reply)
+        finally:
+            self._running.pop(conversation_id, None)
+
+    def _begin(self, log: ConversationLog, reply: _Reply, message_id: str, model: str) -> None:
+        """Queue the ``start`` record, not awaited: it commits before any chunk, and the
+        prompt is built from committed records, where the message already is (an
+        unfinished reply is left out of it anyway).
+
+        :raises asyncio.CancelledError: the reply was stopped before it began.
+        :raises storage.LogError: the log takes no appends.
+        """
+        log.append_nowait(records.start(reply_id=reply.reply_id, reply_to=message_id, model=model))
+        if reply.stop_requested:
+            raise asyncio.CancelledError
+
+    async def _prompt(self, log: ConversationLog) -> list[dict[str, str]]:
+        """The Chat Completions ``messages`` of the next reply, from the committed log.
+
+        :raises storage.LogClosedError: the log closed and its records are not in memory.
+        """
+        history = messages(records.decode_all(await log.read()))
+        return prompt(log.summary.system, history)
+
+    async def _stream_chunks(
+        self, log: ConversationLog, reply: _Reply, stream: AsyncIterator[Delta]
+    ) -> None:
+        """Append one ``chunk`` per provider delta with text, pipelined: each is queued
+        and commits in order (no reader sees it before), and the stream waits for the log
+        only when :data:`MAX_BACKLOG` chunks are queued, and for the last one at the end.
+        A failed log refuses the next chunk at once, which stops the provider stream.
+        Records the provider's ``finish_reason`` and ``usage`` on ``reply``; always closes
+        ``stream``.
+
+        :raises ProviderError: the provider failed.
+        :raises storage.LogError: an append failed.
+        """
+        index = 0
+        last: asyncio.Future[int] | None = None
+        try:
+            async for delta in stream:
+                if delta.text:
+                    last = log.append_nowait(
+                        records.chunk(reply_id=reply.reply_id, i=index, text=delta.text)
+                    )
+                    index += 1
+                    if log.backlog >= MAX_BACKLOG:
+                        await last
+                if delta.finish_reason is not None:
+                    reply.finish = "length" if delta.finish_reason == "length" else "stop"
+                if delta.usage is not None:
+                    reply.usage = delta.usage
+            if last is not None:
+                await last
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.aclose()  # type: ignore[attr-defined]
+
+    async def _finish(self, conversation_id: str, log: ConversationLog, reply: _Reply) -> None:
+        """Append the ``end`` record and wait until it is committed. Always appended: a
+        ``start`` queued before a cancellation still commits, first. A stop while the end
+        commits does not interrupt the wait (the end commits anyway); a log that cannot
+        take it is logged, not raised."""
         try:
             done = log.append_nowait(
-                records.end(reply_id=reply.reply_id, finish=finish, usage=usage, error=error)
+                records.end(
+                    reply_id=reply.reply_id,
+                    finish=reply.finish,
+                    usage=reply.usage,
+                    error=reply.error,
+                )
             )
             while not done.done():
                 try:
@@ -227,8 +272,6 @@ class Replies:
             logger.error(
                 "reply %s in %s: could not append its end: %s", reply.reply_id, conversation_id, exc
             )
-        finally:
-            self._running.pop(conversation_id, None)
 
 
 def _uncancel() -> None:

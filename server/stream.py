@@ -3,23 +3,21 @@ then the live tail, with keep-alive comments while nothing commits.
 
 Two ways of sending, one position:
 
-* **pull**: the stream's task reads committed records (from the log's in-memory tail, or
-  the file when it is behind) and awaits ``response.write``, which waits for a slow
-  client's socket to drain. Used to catch up, and whenever the client is slow.
-* **push**: once caught up, the stream listens to its log
+* **pull** (catch up): the stream's task reads committed records (from the log's
+  in-memory tail, or the file when it is behind) and awaits ``response.write``, which
+  waits for a slow client's socket to drain. Used to catch up, and whenever the client
+  is slow.
+* **push** (live): once caught up, the stream listens to its log
   (:meth:`storage.ConversationLog.add_listener`). Each commit calls it synchronously,
-  right after the committed offset moved, and it writes the framed events straight to
-  the transport, with the task asleep. Anything unusual (a client not draining its
-  socket, a closing transport, the log closing, the stream's last event) wakes the task,
-  which carries on by pulling.
+  right after the committed offset moved, and it hands the framed events to
+  :class:`Push`, which writes them straight to the transport, with the task asleep.
+  Anything unusual (a client not draining its socket, a closing transport, the log
+  closing, the stream's last event) wakes the task, which carries on by pulling.
 
 Why push: aiohttp's ``StreamResponse.write`` is a coroutine, so pulling costs a task
 wake-up, a future and a coroutine resume per event per stream. With 1,000 live replies
 (bench P2, 20,000 events/s on one event loop) push took the p99 latency from provider to
-client from 173 ms to 22 ms. Push writes the HTTP/1.1 chunk framing itself (RFC 9112
-§7.1, ``<hex size>\\r\\n<data>\\r\\n``, the framing aiohttp's writer chose for the rest of
-the response, which is never compressed); an HTTP/1.0 response is not chunked and is
-written as it is. aiohttp's access log counts only the bytes it wrote itself.
+client from 173 ms to 22 ms. aiohttp's access log counts only the bytes it wrote itself.
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ from aiohttp import hdrs, web
 from ..storage import ConversationLog, LogClosedError
 from . import sse
 
-__all__ = ["PUSH_BUFFER_LIMIT", "EventStream", "IdleTimer"]
+__all__ = ["PUSH_BUFFER_LIMIT", "EventStream", "IdleTimer", "Push"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +85,46 @@ class IdleTimer:
         self._handle = self._loop.call_at(self._loop.time() + self._seconds, self._fire)
 
 
+class Push:
+    """Writes to a prepared response's transport at once, without awaiting: the live half
+    of an :class:`EventStream`.
+
+    It writes the body framing aiohttp's writer chose for the rest of the response
+    (which is never compressed): when the response is chunked, each write is one HTTP/1.1
+    chunk, ``<hex size>\\r\\n<data>\\r\\n`` (RFC 9112 §7.1); otherwise (HTTP/1.0, whose
+    body ends when the connection closes) the bytes as they are.
+
+    :param request: the request whose connection is written to.
+    :param response: its response, prepared (headers sent).
+    """
+
+    __slots__ = ("_chunked", "_transport")
+
+    def __init__(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
+        self._transport = request.transport
+        # aiohttp chose the framing when it prepared the response: chunked for HTTP/1.1
+        # and later, as an event stream has no Content-Length.
+        self._chunked = response.headers.get(hdrs.TRANSFER_ENCODING) == "chunked"
+
+    def send_now(self, data: bytes) -> bool:
+        """Write ``data`` (a non-empty part of the body) to the transport now.
+
+        :returns: ``False``, having written nothing, when the caller must await a pull
+            write instead: the connection is closing or gone, or more than
+            :data:`PUSH_BUFFER_LIMIT` bytes wait in the transport's write buffer (the
+            client is slow).
+        """
+        transport = self._transport
+        if (
+            transport is None
+            or transport.is_closing()
+            or transport.get_write_buffer_size() > PUSH_BUFFER_LIMIT
+        ):
+            return False
+        transport.write(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
+        return True
+
+
 class EventStream:
     """Send a log's committed records from ``start`` as SSE events, then follow it.
 
@@ -121,10 +159,11 @@ class EventStream:
         self._keepalive = keepalive
         self._retry_ms = retry_ms
         self._until_end_of = until_end_of
-        self._chunked = False  # known once the response is prepared
         self._ended = False
         self._waiter: asyncio.Future[None] | None = None
-        self._idle: IdleTimer | None = None
+        # Set by run() before the stream first listens (they need the running response):
+        self._idle: IdleTimer
+        self._push: Push
 
     async def run(self) -> web.StreamResponse:
         """Stream until the end; never raises for a client that left or a write that
@@ -136,23 +175,13 @@ class EventStream:
             await response.prepare(self._request)
             if self._request.method == "HEAD":
                 return response  # the headers only: a HEAD response has no body
-            # aiohttp chose the body's framing (chunked for HTTP/1.1 and later, as it
-            # sends no Content-Length); push writes the same.
-            self._chunked = response.headers.get(hdrs.TRANSFER_ENCODING) == "chunked"
+            self._push = Push(self._request, response)
             await response.write(sse.retry(self._retry_ms))
-            while not self._ended:
-                if self.position < log.committed:
-                    block = await log.read_records(self.position)
-                    framed = self._frame(self.position, block)
-                    await response.write(framed.events)
-                    idle.sent()
-                    continue
-                if log.closed:
-                    break  # shutdown: every committed record was sent
-                await self._listen()
-                if self.position == log.committed and idle.due and not self._ended:
-                    await response.write(sse.KEEPALIVE)
-                    idle.sent()
+            while True:
+                await self._catch_up(response)
+                if self._ended or log.closed:
+                    break  # the last event went out, or shutdown: every record was sent
+                await self._live(response)
         except ConnectionError:
             pass  # the client left; the reply (if any) goes on without it
         except LogClosedError:
@@ -163,43 +192,49 @@ class EventStream:
             idle.cancel()
         return response
 
-    def _frame(self, offset: int, block: bytes) -> sse.Framed:
-        framed = sse.frame_records(offset, block, until_end_of=self._until_end_of)
-        self.position = offset + framed.size
-        self._ended = framed.ended
-        return framed
+    async def _catch_up(self, response: web.StreamResponse) -> None:
+        """Pull: send committed records, awaiting each write, until the stream is at the
+        committed offset or has sent its last event."""
+        log = self._log
+        while not self._ended and self.position < log.committed:
+            block = await log.read_records(self.position)
+            framed = sse.frame_records(self.position, block, until_end_of=self._until_end_of)
+            self.position += framed.size
+            self._ended = framed.ended
+            await response.write(framed.events)
+            self._idle.sent()
 
-    async def _listen(self) -> None:
-        """Push commits until something needs the task (see :meth:`_on_commit`)."""
-        assert self._idle is not None
-        self._waiter = asyncio.get_running_loop().create_future()
+    async def _live(self, response: web.StreamResponse) -> None:
+        """Push commits as they come (:meth:`_on_commit`) until one needs the task; send
+        a keep-alive if the stream is still caught up and has been idle."""
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
         self._log.add_listener(self._on_commit)
         try:
-            await self._idle.wait(self._waiter)
+            await self._idle.wait(waiter)
         finally:
             self._log.remove_listener(self._on_commit)
+        if self.position == self._log.committed and self._idle.due and not self._ended:
+            await response.write(sse.KEEPALIVE)
+            self._idle.sent()
 
     def _on_commit(self, offset: int, block: bytes) -> None:
         waiter = self._waiter
         if waiter is None or waiter.done():
             return  # the task is about to pull
-        transport = self._request.transport
-        if (
-            not block  # the log closed
-            or offset != self.position
-            or transport is None
-            or transport.is_closing()
-            or transport.get_write_buffer_size() > PUSH_BUFFER_LIMIT
-        ):
+        if not block or offset != self.position:  # the log closed, or not the next block
             waiter.set_result(None)
             return
-        events = self._frame(offset, block).events
+        framed = sse.frame_records(offset, block, until_end_of=self._until_end_of)
         try:
-            transport.write(b"%x\r\n%s\r\n" % (len(events), events) if self._chunked else events)
+            sent = self._push.send_now(framed.events)
         except Exception:
             waiter.set_result(None)  # the task's next write meets the broken connection
             raise  # logged by the log, which stops calling this listener
-        assert self._idle is not None
+        if not sent:
+            waiter.set_result(None)  # the task pulls these records, awaiting the write
+            return
+        self.position = offset + framed.size
+        self._ended = framed.ended
         self._idle.sent()
-        if self._ended:
+        if framed.ended:
             waiter.set_result(None)

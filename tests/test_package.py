@@ -45,8 +45,7 @@ def test_the_wheel_installs_chatledger_alone_and_runs(tmp_path):
 
     target = tmp_path / "installed"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target)]
-        + [str(wheel)],
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), wheel],
         check=True,
         timeout=300,
     )

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import socket
 
 import pytest
 
-from chatledger.server import sse
-from chatledger.storage import records
+from chatledger.server import sse, stream
+from chatledger.storage import Durability, records
 
 from .conftest import FaultyIO, create_conversation, wait_idle
 from .sse_reader import StreamReader, read_events, read_quiet, read_through
@@ -259,3 +260,65 @@ async def test_write_before_show_append_failure_at_kth_chunk(make_client):
     assert response.status == 202
     other_body = await wait_idle(client, other)
     assert other_body["messages"][-1]["finish"] == "stop"
+
+
+def dechunked_prefix(body: bytes) -> bytes:
+    """The payload of the complete chunks at the start of a chunked body."""
+    out, position = [], 0
+    while (line_end := body.find(b"\r\n", position)) >= 0:
+        size = int(body[position:line_end], 16)
+        start = line_end + 2
+        if size == 0 or len(body) < start + size + 2:
+            break
+        out.append(body[start : start + size])
+        position = start + size + 2
+    return b"".join(out)
+
+
+async def test_a_client_that_stops_reading_is_pulled_and_misses_nothing(make_client, monkeypatch):
+    # Live events are pushed to the socket while the client keeps up; once the transport
+    # holds more than PUSH_BUFFER_LIMIT unread bytes, push refuses and the stream pulls,
+    # awaiting each write: the client still gets every record, once, in order.
+    refused = []
+    push_init, send_now = stream.Push.__init__, stream.Push.send_now
+
+    def small_send_buffer(self, request, response) -> None:
+        # a fixed kernel send buffer (no autotuning to megabytes): the transport's own
+        # buffer fills soon after the client stops reading
+        sock = request.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        push_init(self, request, response)
+
+    def counting_send_now(self, data: bytes) -> bool:
+        sent = send_now(self, data)
+        if not sent:
+            refused.append(len(data))
+        return sent
+
+    monkeypatch.setattr(stream.Push, "__init__", small_send_buffer)
+    monkeypatch.setattr(stream.Push, "send_now", counting_send_now)
+    client = await make_client(
+        durability=Durability.FLUSH, demo_tokens_per_s=0, demo_reply_tokens=5000, retry_ms=600
+    )
+    conversation_id = await create_conversation(client)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow reader's small window
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (client.host, client.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(
+        b"GET /api/conversations/%s/events HTTP/1.1\r\nHost: t\r\n\r\n" % conversation_id.encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert b"Transfer-Encoding: chunked" in head
+    # the reply streams while the client reads nothing
+    await client.post(f"/api/conversations/{conversation_id}/messages", json={"text": "go"})
+    await wait_idle(client, conversation_id, limit_s=120)
+    assert refused  # the stream fell back to pulling
+    log = await (await client.get(f"/api/conversations/{conversation_id}/log")).read()
+    want = expected_stream(log, 0, 600)
+    body = b""
+    while len(payload := dechunked_prefix(body)) < len(want):
+        body += await asyncio.wait_for(reader.read(1 << 20), 10)
+    assert payload == want
+    writer.close()
