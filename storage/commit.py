@@ -167,13 +167,15 @@ class LogWriter:
         return None
 
     def _commit(self) -> None:
+        # The log first (its committed offset, its listeners), then the appenders: if the
+        # log cannot take the batch, no appender is told it was committed.
+        self._on_commit(self._writing, self._data)
         offset = self._end
         for _, line, done in self._writing:
             offset += len(line)
             if not done.done():
                 done.set_result(offset)
         self._end = offset
-        self._on_commit(self._writing, self._data)
 
     def _fail(self, exc: OSError) -> None:
         self._failure = LogFailedError(exc)
@@ -340,10 +342,14 @@ class GroupCommit:
         failed = []
         for writer, error in zip(batches, errors, strict=True):
             if error is None:
-                writer._commit()
-            else:
-                writer._fail(error)
-                failed.append(writer)
+                try:
+                    writer._commit()
+                    continue
+                except Exception as exc:  # a bug in one log must not fail the others
+                    logger.exception("%s: committing a batch failed", writer.path)
+                    error = OSError(errno.EIO, f"commit failed: {exc!r}")
+            writer._fail(error)
+            failed.append(writer)
         if failed:
             await asyncio.to_thread(_discard_uncommitted, failed)
         for writer in batches:

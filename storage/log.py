@@ -103,7 +103,7 @@ class ConversationLog:
         self._read_only_reason = read_only_reason
         self._failure: LogFailedError | None = None
         self._writer: LogWriter | None = None
-        self._closed = asyncio.get_running_loop().create_future()
+        self._closing: asyncio.Task[None] | None = None
         self._listeners: dict[Listener, None] = {}  # an ordered set
         self._tail = bytearray(tail)  # the last committed bytes
         self._tail_start = committed - len(tail)
@@ -377,6 +377,10 @@ class ConversationLog:
         record once the log is closed; a failed or read-only log is followed until then
         (its committed offset just never moves). ``start`` must have passed
         :meth:`check_offset`.
+
+        :raises LogClosedError: the log closed while this follower was further behind
+            than the in-memory tail (:data:`TAIL_BYTES`): it resumes from its offset in
+            a later open, as an event stream's client does after a restart.
         """
         loop = asyncio.get_running_loop()
         wake: asyncio.Future[None] = loop.create_future()
@@ -404,10 +408,17 @@ class ConversationLog:
     # -- closing ------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Commit what is queued, stop appends, end followers, release the lock."""
-        if self._state in (LogState.CLOSING, LogState.CLOSED):
-            await asyncio.shield(self._closed)
-            return
+        """Commit what is queued, stop appends, end followers, release the lock.
+
+        Runs once, as a task of its own: concurrent callers wait for the same close, and
+        a caller that is cancelled does not cut it short (the fd and its lock would stay
+        open).
+        """
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         self._state = LogState.CLOSING  # appends are refused from here on
         try:
             if self._writer is not None:
@@ -419,4 +430,3 @@ class ConversationLog:
                 await asyncio.wait(set(self._reads))
             os.close(self._read_fd)
             self._read_fd = -1
-            self._closed.set_result(None)

@@ -8,6 +8,7 @@ once and kept open; the store is the only place that creates or opens them.
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import logging
 import os
@@ -99,13 +100,11 @@ class Store:
         self._logs: dict[str, ConversationLog] = {}
         self._opening: dict[str, asyncio.Task[ConversationLog]] = {}
         self._closed = False
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._closing: asyncio.Task[None] | None = None
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, exist_ok=True)
+        _check_directory(self.directory)
         self._lock_fd = _lock_data_dir(self.data_dir)
-        try:
-            _check_directory(self.directory)
-        except BaseException:
-            os.close(self._lock_fd)
-            raise
 
     def path(self, conversation_id: str) -> Path:
         """The log path of a (valid) id. :raises InvalidIdError:"""
@@ -139,11 +138,18 @@ class Store:
         first = records.conversation(
             conversation_id=conversation_id, title=title, model=model, system=system
         )
-        log = await ConversationLog.create(
-            self.path(conversation_id),
-            first,
-            commit=self.commit,
-        )
+        if conversation_id in self._logs or conversation_id in self._opening:
+            raise FileExistsError(errno.EEXIST, "the conversation exists", conversation_id)
+        # Tracked like an open, shared and shielded: an open or a list during the create
+        # waits for it (never reads the file before its first record is synced), close()
+        # waits for it, and a cancelled caller does not leave its fd and lock behind.
+        task = asyncio.ensure_future(self._create(conversation_id, first))
+        self._opening[conversation_id] = task
+        task.add_done_callback(lambda _: self._opening.pop(conversation_id, None))
+        return await asyncio.shield(task)
+
+    async def _create(self, conversation_id: str, first: records.Record) -> ConversationLog:
+        log = await ConversationLog.create(self.path(conversation_id), first, commit=self.commit)
         self._logs[conversation_id] = log
         return log
 
@@ -208,8 +214,14 @@ class Store:
             raise LogClosedError("the store is closed")
 
     async def close(self) -> None:
-        """Close every open log (queued appends are committed first); later opens raise
-        :class:`LogClosedError`."""
+        """Close every open log (queued appends are committed first), then release the
+        data dir; later opens raise :class:`LogClosedError`. Runs once: concurrent callers
+        wait for the same close, and a cancelled caller does not cut it short."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         self._closed = True
         await asyncio.gather(*self._opening.values(), return_exceptions=True)
         logs, self._logs = self._logs, {}
@@ -228,7 +240,13 @@ LOCK_NAME: Final = "chatledger.lock"
 
 
 def _lock_data_dir(data_dir: Path) -> int:
-    fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    path = data_dir / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ForeignFileError(path, f"{LOCK_NAME} is a symbolic link") from None
+        raise
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -243,8 +261,16 @@ def _lock_data_dir(data_dir: Path) -> int:
 
 
 def _check_directory(directory: Path) -> None:
-    info = os.lstat(directory)
-    if not stat.S_ISDIR(info.st_mode):
-        raise ForeignFileError(directory, "conversations/ is not a directory (a symbolic link?)")
-    if info.st_uid != os.geteuid():
-        raise ForeignFileError(directory, "conversations/ is owned by another user")
+    """``conversations/`` and the data dir holding it must be directories of ours that no
+    other user may write to: whoever can rename entries there could swap a directory for
+    a symbolic link after this check (``O_NOFOLLOW`` guards only a path's last part)."""
+    for path, name, info in (
+        (directory.parent, "the data dir", os.stat(directory.parent)),
+        (directory, "conversations/", os.lstat(directory)),
+    ):
+        if not stat.S_ISDIR(info.st_mode):
+            raise ForeignFileError(path, f"{name} is not a directory (a symbolic link?)")
+        if info.st_uid != os.geteuid():
+            raise ForeignFileError(path, f"{name} is owned by another user")
+        if info.st_mode & stat.S_IWOTH:
+            raise ForeignFileError(path, f"{name} is writable by every user")

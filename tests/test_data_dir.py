@@ -137,3 +137,27 @@ def test_a_second_server_on_the_same_data_dir_refuses_to_start(tmp_path):
         assert second.returncode == 2, second.stdout + second.stderr
         assert "another chatledger process is serving" in second.stderr
         assert " serving http://" not in second.stdout
+
+
+def test_a_data_dir_others_can_write_to_is_refused(tmp_path):
+    # Whoever may rename entries in the data dir could swap conversations/ for a link to
+    # somewhere else after the start-up check (O_NOFOLLOW guards only a path's last part).
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(ForeignFileError, match="writable by every user"):
+        Store(shared)
+    if os.geteuid() != 0:
+        return  # only root can give a directory to another user
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(ForeignFileError, match="owned by another user"):
+        Store(theirs)
+
+
+async def test_a_new_data_dir_is_private(tmp_path):
+    store = Store(tmp_path / "fresh" / "data")
+    assert (tmp_path / "fresh" / "data").stat().st_mode & 0o777 == 0o700
+    assert store.directory.stat().st_mode & 0o777 == 0o700
+    await store.close()

@@ -1,11 +1,14 @@
 """Races around replies, opening and closing: stop before a reply begins, a second stop,
-shutdown while a message is being appended, appends during close, a cancelled open,
-and a stray file in the data dir."""
+shutdown while a message is being appended, appends during close, a cancelled open, a
+cancelled close, two closes of a store, a create during a list and a close, and a stray
+file in the data dir."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 
 import pytest
 
@@ -153,3 +156,85 @@ async def test_close_waits_for_reads_in_flight(tmp_path, group_commit, monkeypat
         data = (tmp_path / f"c{attempt}.jsonl").read_bytes()
         for into in seen:
             assert bytes(into) == data[: len(into)]
+
+
+def fds_on(name: str) -> list[str]:
+    """This process's open fds whose file's name ends with ``name``."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}").endswith(name):
+                found.append(fd)
+    return found
+
+
+def locked(path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+async def test_a_cancelled_close_still_closes_the_writer_and_tells_listeners_last(
+    tmp_path, group_commit
+):
+    io = FaultyIO()
+    log = await ConversationLog.create(
+        tmp_path / "c1.jsonl",
+        records.conversation(conversation_id="c1", title="t", model="m", system=None),
+        commit=group_commit(file_io=io),
+    )
+    heard: list[bytes] = []
+    log.add_listener(lambda offset, block: heard.append(block))
+    io.sync_delay = 0.2
+    queued = log.append_nowait(records.user(message_id="u", text="hi"))
+    closing = asyncio.ensure_future(log.close())
+    await asyncio.sleep(0.05)
+    closing.cancel()
+    await asyncio.gather(closing, return_exceptions=True)
+    await queued  # committed: it was queued before the close
+    await log.close()
+    assert heard[-1] == b"" and len(heard) == 2  # the commit, then the close, once
+    assert not fds_on("c1.jsonl") and not locked(log.path)
+
+
+async def test_a_second_store_close_waits_for_the_first(tmp_path):
+    io = FaultyIO()
+    store = await new_store(tmp_path, file_io=io)
+    log = await store.create(title="t", model="m", system=None)
+    io.sync_delay = 0.2
+    log.append_nowait(records.user(message_id="u", text="slow to sync"))
+    first = asyncio.ensure_future(store.close())
+    await asyncio.sleep(0.01)
+    await store.close()
+    assert first.done()  # the data dir is released only once the first close is over
+    await first
+
+
+async def test_a_create_is_waited_for_by_lists_opens_and_close_and_survives_a_cancel(tmp_path):
+    io = FaultyIO()
+    store = await new_store(tmp_path, file_io=io)
+    io.sync_delay = 0.2
+    creating = asyncio.ensure_future(
+        store.create(title="secret", model="m", system=None, conversation_id="c1")
+    )
+    await asyncio.sleep(0.05)  # the file exists, its first record not yet synced
+    listing = asyncio.ensure_future(store.list())  # waits: never reads it, never read-only
+    await asyncio.sleep(0.01)
+    assert not listing.done()
+    creating.cancel()  # the create goes on without its caller
+    with pytest.raises(asyncio.CancelledError):
+        await creating
+    assert [row.id for row in await listing] == ["c1"]
+    assert (await store.open("c1")).live
+    late = asyncio.ensure_future(
+        store.create(title="late", model="m", system=None, conversation_id="c2")
+    )
+    await asyncio.sleep(0.05)
+    await store.close()  # waits for the create in flight, then closes its log too
+    assert (await late).closed
+    assert not fds_on("c1.jsonl") and not fds_on("c2.jsonl")
