@@ -125,9 +125,17 @@ def keep_aside(path: Path, kind: str, data: bytes, *, file_io: FileIO) -> Path:
 
     :raises OSError: the file could not be written; it is then removed.
     """
-    aside = path.with_name(f"{path.name}.{kind}-{now_ms()}")
-    # O_EXCL: never an existing file, and never through a symbolic link (open(2)).
-    fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    # O_EXCL: never an existing file, and never through a symbolic link (open(2)). Two
+    # cuts in one millisecond get names of their own: <ts>, <ts>.1, <ts>.2, ...
+    stamp = f"{path.name}.{kind}-{now_ms()}"
+    for attempt in range(100):
+        aside = path.with_name(stamp if attempt == 0 else f"{stamp}.{attempt}")
+        try:
+            fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            break
+        except FileExistsError:
+            if attempt == 99:
+                raise
     try:
         file_io.write_all(fd, data)
         file_io.fdatasync(fd)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from chatledger.storage import ConversationLog, LogReadOnlyError, records
+from chatledger.storage import ConversationLog, FileIO, LogReadOnlyError, records
 from chatledger.storage.fold import messages
-from chatledger.storage.recovery import scan
+from chatledger.storage.recovery import keep_aside, scan
 
 
 def lines(*recs: records.Record) -> bytes:
@@ -154,3 +154,12 @@ async def test_open_after_truncation_at_every_byte(tmp_path, group_commit):
         log = await ConversationLog.open(path, commit=group_commit())  # recovery is idempotent
         await log.close()
         assert path.read_bytes() == recovered
+
+
+def test_two_cuts_in_one_millisecond_keep_both(tmp_path, monkeypatch):
+    monkeypatch.setattr("chatledger.storage.recovery.now_ms", lambda: 1_700_000_000_000)
+    path = tmp_path / "c.jsonl"
+    first = keep_aside(path, "torn", b"one", file_io=FileIO())
+    second = keep_aside(path, "torn", b"two", file_io=FileIO())
+    assert first != second
+    assert [first.read_bytes(), second.read_bytes()] == [b"one", b"two"]
