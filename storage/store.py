@@ -99,8 +99,7 @@ class Store:
         """The group commit every log of the store shares."""
         self._logs: dict[str, ConversationLog] = {}
         self._opening: dict[str, asyncio.Task[ConversationLog]] = {}
-        self._closed = False
-        self._closing: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None  # set by the first close()
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.directory.mkdir(mode=0o700, exist_ok=True)
         _check_directory(self.directory)
@@ -210,7 +209,7 @@ class Store:
         return rows
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self._closing is not None:
             raise LogClosedError("the store is closed")
 
     async def close(self) -> None:
@@ -222,7 +221,6 @@ class Store:
         await asyncio.shield(self._closing)
 
     async def _close(self) -> None:
-        self._closed = True
         await asyncio.gather(*self._opening.values(), return_exceptions=True)
         logs, self._logs = self._logs, {}
         try:
