@@ -49,10 +49,20 @@ from .errors import (
     OffsetRangeError,
 )
 from .log import ConversationLog, LogState
-from .store import CONVERSATION_ID, ConversationInfo, Store, check_id, new_id
+from .store import (
+    CONVERSATION_ID,
+    DESCRIPTOR_ERRNOS,
+    MAX_OPEN_LOGS,
+    ConversationInfo,
+    Store,
+    check_id,
+    new_id,
+)
 
 __all__ = [
     "CONVERSATION_ID",
+    "DESCRIPTOR_ERRNOS",
+    "MAX_OPEN_LOGS",
     "ConversationInfo",
     "ConversationLog",
     "CorruptLogError",

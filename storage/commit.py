@@ -32,7 +32,10 @@ system lost data (maybe not ours), so the pass then ``fdatasync``s each of its l
 exactly the logs whose own data was lost fail. ``syncfs`` is called on a directory fd the
 group commit keeps for that file system, so one error is reported once, not once per log.
 A failed log takes no more appends; its committed records stay readable; nothing is
-retried.
+retried. A log whose file was unlinked (its data dir deleted while the server runs) fails
+the same way at its next pass: after the write (and sync), one ``fstat`` per written log
+checks ``st_nlink``, so no record is ever reported committed into a file a restart would
+not find.
 """
 
 from __future__ import annotations
@@ -339,6 +342,10 @@ class GroupCommit:
             if written:
                 for k, error in await asyncio.to_thread(self._sync, written):
                     errors[k] = error
+        else:
+            for k, writer in enumerate(batches):
+                if errors[k] is None:
+                    errors[k] = _removed(writer._fd)
         failed = []
         for writer, error in zip(batches, errors, strict=True):
             if error is None:
@@ -359,7 +366,8 @@ class GroupCommit:
         """On a worker thread: make the written logs durable.
 
         :param written: ``(batch index, fd, st_dev)`` per written log.
-        :returns: ``(batch index, error)`` for each log whose sync failed.
+        :returns: ``(batch index, error)`` for each log whose sync failed, or whose file
+            is no longer in the data dir (:func:`_removed`).
         """
         devices: dict[int, list[tuple[int, int]]] = {}
         for k, fd, device in written:
@@ -382,7 +390,23 @@ class GroupCommit:
                     self.file_io.fdatasync(fd)
                 except OSError as exc:
                     errors.append((k, exc))
+        failed = {k for k, _ in errors}
+        for k, fd, _ in written:
+            if k not in failed and (error := _removed(fd)) is not None:
+                errors.append((k, error))
         return errors
+
+
+def _removed(fd: int) -> OSError | None:
+    """Whether the log open as ``fd`` was unlinked (its data dir deleted, say): records
+    written to it now would be lost at the next start, so they must not count as
+    committed. Returns the error that fails the log, or ``None``."""
+    try:
+        if os.fstat(fd).st_nlink == 0:
+            return FileNotFoundError(errno.ENOENT, "the log file was removed")
+    except OSError as exc:
+        return exc
+    return None
 
 
 def _syncfs_fd(directory: Path) -> int | None:

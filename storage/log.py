@@ -47,7 +47,7 @@ from .errors import (
     OffsetRangeError,
 )
 from .fold import Summary
-from .recovery import create_file, open_file
+from .recovery import FileKey, Known, create_file, open_file
 
 __all__ = ["READ_BLOCK", "TAIL_BYTES", "ConversationLog", "Listener", "LogState"]
 
@@ -108,6 +108,8 @@ class ConversationLog:
         self._tail = bytearray(tail)  # the last committed bytes
         self._tail_start = committed - len(tail)
         self._reads: set[asyncio.Future[bytes]] = set()
+        self._pins = 0
+        self._closed_key: FileKey | None = None  # the file as close() left it
 
     def _attach(self, fd: int, commit: GroupCommit) -> None:
         self._writer = LogWriter(
@@ -149,20 +151,26 @@ class ConversationLog:
         return log
 
     @classmethod
-    async def open(cls, path: Path, *, commit: GroupCommit) -> ConversationLog:
+    async def open(
+        cls, path: Path, *, commit: GroupCommit, known: Known | None = None
+    ) -> ConversationLog:
         """Open an existing log, recovering it first (DESIGN.md "Recovery on open",
         :func:`~storage.recovery.open_file`), then append one ``end`` with
         ``finish: "interrupted"`` per reply that has a ``start`` and no ``end``.
 
         A log locked by another process, or corrupt, opens read-only with its valid
-        prefix readable. ``commit`` is as for :meth:`create`.
+        prefix readable; so does a log that cannot be written (a read-only data dir).
+        ``commit`` is as for :meth:`create`; ``known`` is what :meth:`known` said when this
+        process last closed the log: while the file is unchanged, no scan is needed.
 
         :raises FileNotFoundError: no such log.
         :raises OSError: recovery could not write, or (``fsync``) the log's bytes could not
             be made durable: the disk lost some of them.
         """
         durable = commit.durability is Durability.FSYNC
-        opened = await asyncio.to_thread(open_file, path, file_io=commit.file_io, durable=durable)
+        opened = await asyncio.to_thread(
+            open_file, path, file_io=commit.file_io, durable=durable, known=known
+        )
         log = cls(
             path,
             read_fd=opened.read_fd,
@@ -211,6 +219,31 @@ class ConversationLog:
     def live(self) -> bool:
         """Whether the committed offset can still move in this process."""
         return self._state is LogState.WRITABLE
+
+    # -- use ----------------------------------------------------------------------------
+
+    def pin(self) -> None:
+        """Say the log is in use (a request, a running reply), so the store does not close
+        it to free its file descriptors; :meth:`unpin` once done. Pins nest."""
+        self._pins += 1
+
+    def unpin(self) -> None:
+        """Undo one :meth:`pin`."""
+        if self._pins <= 0:
+            raise RuntimeError("unpin() without pin()")
+        self._pins -= 1
+
+    @property
+    def idle(self) -> bool:
+        """Whether closing the log now would cut nothing short: open, with no pin, no
+        listener (an event stream), nothing queued or being written, no read in flight."""
+        return (
+            self._pins == 0
+            and not self._listeners
+            and not self._reads
+            and self._state in (LogState.WRITABLE, LogState.READ_ONLY, LogState.FAILED)
+            and (self._writer is None or not self._writer.busy)
+        )
 
     def check_writable(self) -> None:
         """Raise the error an :meth:`append` would raise now, if any.
@@ -407,6 +440,15 @@ class ConversationLog:
 
     # -- closing ------------------------------------------------------------------------
 
+    def known(self) -> Known | None:
+        """After a clean close (the log was writable to the end), what a later
+        :meth:`open` needs to skip recovery, if the file is still exactly as this log
+        left it; else ``None``."""
+        key = self._closed_key
+        if key is None or self._failure is not None or self._read_only_reason is not None:
+            return None
+        return Known(key, self.summary) if key.size == self._committed else None
+
     async def close(self) -> None:
         """Commit what is queued, stop appends, end followers, release the lock.
 
@@ -428,5 +470,9 @@ class ConversationLog:
             self._tell_listeners(self._committed, b"")
             while self._reads:  # reads may start while we wait: wait for those too
                 await asyncio.wait(set(self._reads))
+            try:
+                self._closed_key = FileKey.of(os.fstat(self._read_fd))
+            except OSError:
+                self._closed_key = None
             os.close(self._read_fd)
             self._read_fd = -1

@@ -41,6 +41,9 @@ from .fold import Summary
 from .records import RecordError, decode, now_ms
 
 __all__ = [
+    "READ_ONLY_ERRNOS",
+    "FileKey",
+    "Known",
     "Opened",
     "Scan",
     "create_file",
@@ -54,6 +57,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 BLOCK = 1 << 20  # bytes read per call while scanning
+
+READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+"""``errno`` values of an ``open(2)`` for writing that mean the file (or its file system)
+may be read and not written: a read-only mount, or permissions."""
 
 
 @dataclass
@@ -220,6 +227,32 @@ def _reader_of(path: Path, fd: int) -> int:
     return read_fd
 
 
+@dataclass(frozen=True, slots=True)
+class FileKey:
+    """A log file's identity and its last change, as ``fstat`` tells them: when a key
+    taken at close equals the key at the next open, nobody wrote the file in between
+    (this process holds the data dir, and every write changes ``st_mtime_ns``)."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, info: os.stat_result) -> FileKey:
+        return cls(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class Known:
+    """What a clean close left of a log, so the next open of the same, unchanged file
+    needs no recovery scan: its :class:`FileKey` then, and the :class:`Summary` of its
+    records (all of them committed: ``key.size`` is the committed offset)."""
+
+    key: FileKey
+    summary: Summary
+
+
 @dataclass(frozen=True)
 class Opened:
     """Result of :func:`open_file`.
@@ -238,7 +271,7 @@ class Opened:
     read_only_reason: str | None
 
 
-def open_file(path: Path, *, file_io: FileIO, durable: bool) -> Opened:
+def open_file(path: Path, *, file_io: FileIO, durable: bool, known: Known | None = None) -> Opened:
     """Open an existing log for writing and recover it (blocking).
 
     Only a regular file of ours is opened (:func:`open_own`). Takes the writer lock
@@ -249,11 +282,21 @@ def open_file(path: Path, *, file_io: FileIO, durable: bool) -> Opened:
     ``fdatasync``ed before anything can show them: their last writer may have died before
     its sync, and the disk may have lost them since.
 
+    When ``known`` (what this process's last clean close of the log left) still matches
+    the file, the scan and the sync are skipped: the bytes are the ones this process
+    committed. A file that can be read and not written (a read-only mount, permissions)
+    opens read-only, with nothing cut or synced: its valid prefix is served.
+
     :raises FileNotFoundError: no such log (or one whose create never completed).
     :raises ForeignFileError: the path is not a regular file of ours.
     :raises OSError: recovery could not write, or the disk lost some of the bytes.
     """
-    fd = open_own(path, os.O_RDWR | os.O_APPEND)
+    try:
+        fd = open_own(path, os.O_RDWR | os.O_APPEND)
+    except OSError as exc:
+        if exc.errno not in READ_ONLY_ERRNOS:
+            raise
+        return _open_read_only(path, "the data dir is read-only")
     read_fd = -1
     try:
         reason = None
@@ -261,13 +304,14 @@ def open_file(path: Path, *, file_io: FileIO, durable: bool) -> Opened:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             reason = "another process holds this log"
+        if reason is None and known is not None and FileKey.of(os.fstat(fd)) == known.key:
+            found = Scan(end=known.key.size, size=known.key.size, summary=known.summary)
+            return Opened(fd, _reader_of(path, fd), found, None)
         with os.fdopen(os.dup(fd), "rb") as stream:  # the file we checked, not the path
             stream.seek(0)
             found = scan(stream)
         if found.corrupt_at is not None:
-            error = CorruptLogError(path, found.corrupt_at, found.reason)
-            log.error("%s; opened read-only, nothing cut", error)
-            reason = f"corrupt record at byte {found.corrupt_at}: {found.reason}"
+            reason = _corrupt(path, found)
         elif reason is None and found.end == 0:
             # Not one record: the create never completed, so the conversation never
             # existed. Keep the bytes aside and report it missing.
@@ -288,6 +332,32 @@ def open_file(path: Path, *, file_io: FileIO, durable: bool) -> Opened:
         os.close(fd)  # releases the lock, if this process took it
         return Opened(None, read_fd, found, reason)
     return Opened(fd, read_fd, found, None)
+
+
+def _corrupt(path: Path, found: Scan) -> str:
+    assert found.corrupt_at is not None
+    log.error(
+        "%s; opened read-only, nothing cut", CorruptLogError(path, found.corrupt_at, found.reason)
+    )
+    return f"corrupt record at byte {found.corrupt_at}: {found.reason}"
+
+
+def _open_read_only(path: Path, reason: str) -> Opened:
+    """Open a log that cannot be written: scanned, never cut (a torn tail is just not
+    served), no lock taken (nothing here writes it)."""
+    read_fd = open_own(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with os.fdopen(os.dup(read_fd), "rb") as stream:
+            found = scan(stream)
+    except BaseException:
+        os.close(read_fd)
+        raise
+    if found.corrupt_at is not None:
+        reason = _corrupt(path, found)
+    elif found.end == 0:
+        os.close(read_fd)
+        raise FileNotFoundError(errno.ENOENT, "the log's create never completed", str(path))
+    return Opened(None, read_fd, found, reason)
 
 
 def create_file(path: Path, data: bytes, *, file_io: FileIO) -> tuple[int, int]:

@@ -1,13 +1,27 @@
 """``Store``: the data dir, ``<data-dir>/conversations/<conversation_id>.jsonl``.
 
 Conversation ids are checked against :data:`CONVERSATION_ID` before any path is built, so
-no request can name a file outside ``conversations/``. Logs are opened (and recovered)
-once and kept open; the store is the only place that creates or opens them.
+no request can name a file outside ``conversations/``. The store is the only place that
+creates or opens logs.
+
+**A bounded number of open logs.** An open log costs two file descriptors, so a data dir
+of thousands of conversations cannot keep them all open (the process's ``RLIMIT_NOFILE``
+is often 1,024). Logs open on first use and stay open while used; past ``max_open`` open
+logs, the least recently used *idle* ones (:attr:`ConversationLog.idle`: no request or
+reply pins it, no event stream follows it, nothing queued) are closed. What a clean close
+leaves (:meth:`ConversationLog.known`) lets the next open of the unchanged file skip
+recovery, and lets :meth:`Store.list` list it without opening it. When the process runs
+out of descriptors anyway (``EMFILE``), the store closes every idle log and tries once
+more; after that the error is the caller's (a clean ``503``: nothing was created).
+
+**A read-only data dir** (a read-only mount, say) is served read-only: every log opens
+read-only, and a create raises :class:`LogReadOnlyError`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import fcntl
 import logging
@@ -15,6 +29,7 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -28,11 +43,16 @@ from .errors import (
     InvalidIdError,
     LogClosedError,
     LogError,
+    LogReadOnlyError,
 )
+from .fold import Summary
 from .log import ConversationLog
+from .recovery import FileKey, Known
 
 __all__ = [
     "CONVERSATION_ID",
+    "DESCRIPTOR_ERRNOS",
+    "MAX_OPEN_LOGS",
     "ConversationInfo",
     "Store",
     "check_id",
@@ -43,6 +63,12 @@ CONVERSATION_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 """Valid conversation ids (matched in full)."""
 
 SUFFIX: Final = ".jsonl"
+
+MAX_OPEN_LOGS: Final = 256
+"""Default bound on open logs (two file descriptors each) of one store."""
+
+DESCRIPTOR_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE})
+"""``errno`` values that mean no file descriptor is left (this process's, the system's)."""
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +106,8 @@ class Store:
     :param data_dir: created if missing (with ``conversations/`` inside).
     :param durability: policy for every log.
     :param file_io: the system-call layer (tests pass a fault-injecting subclass).
+    :param max_open: open logs beyond which idle ones are closed, least recently used
+        first (the module's docstring); at least 1.
     :raises DataDirLockedError: another process (a second server) holds the data dir.
     :raises ForeignFileError: ``conversations/`` is a symbolic link or not ours.
     """
@@ -90,20 +118,29 @@ class Store:
         *,
         durability: Durability = Durability.FSYNC,
         file_io: FileIO | None = None,
+        max_open: int = MAX_OPEN_LOGS,
     ) -> None:
+        if max_open < 1:
+            raise ValueError("max_open must be at least 1")
         self.data_dir = Path(data_dir)
         self.directory = self.data_dir / "conversations"
         self.durability = Durability(durability)
         self.file_io = file_io or FileIO()
         self.commit = GroupCommit(durability=self.durability, file_io=self.file_io)
         """The group commit every log of the store shares."""
-        self._logs: dict[str, ConversationLog] = {}
+        self.max_open = max_open
+        # Open logs, least recently used first.
+        self._logs: collections.OrderedDict[str, ConversationLog] = collections.OrderedDict()
         self._opening: dict[str, asyncio.Task[ConversationLog]] = {}
+        self._evicting: dict[str, asyncio.Task[None]] = {}  # idle logs being closed
+        self._known: dict[str, Known] = {}  # what clean closes left
         self._closing: asyncio.Task[None] | None = None  # set by the first close()
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.directory.mkdir(mode=0o700, exist_ok=True)
         _check_directory(self.directory)
-        self._lock_fd = _lock_data_dir(self.data_dir)
+        self.read_only = not os.access(self.directory, os.W_OK)
+        """Whether the data dir cannot be written (served read-only)."""
+        self._lock_fd = _lock_data_dir(self.data_dir, read_only=self.read_only)
 
     def path(self, conversation_id: str) -> Path:
         """The log path of a (valid) id. :raises InvalidIdError:"""
@@ -129,10 +166,14 @@ class Store:
         """Create a conversation log (durably) and return it open.
 
         :raises FileExistsError: ``conversation_id`` is taken.
-        :raises OSError: the disk refused the write.
+        :raises OSError: the disk refused the write, or no file descriptor is left
+            (:data:`DESCRIPTOR_ERRNOS`, after closing the idle logs); no file is left.
+        :raises LogReadOnlyError: the data dir is read-only.
         :raises LogClosedError: the store is closed.
         """
         self._check_open()
+        if self.read_only:
+            raise LogReadOnlyError("the data dir is read-only")
         conversation_id = check_id(conversation_id or new_id())
         first = records.conversation(
             conversation_id=conversation_id, title=title, model=model, system=system
@@ -148,65 +189,164 @@ class Store:
         return await asyncio.shield(task)
 
     async def _create(self, conversation_id: str, first: records.Record) -> ConversationLog:
-        log = await ConversationLog.create(self.path(conversation_id), first, commit=self.commit)
-        self._logs[conversation_id] = log
+        path = self.path(conversation_id)
+        log = await self._retry_on_descriptors(
+            lambda: ConversationLog.create(path, first, commit=self.commit)
+        )
+        self._add(conversation_id, log)
         return log
 
     async def open(self, conversation_id: str) -> ConversationLog:
         """The open log of ``conversation_id``, opening and recovering it on first use.
 
+        The log is open when this returns; a caller that awaits anything before it is
+        done with the log must :meth:`ConversationLog.pin` it first (synchronously, right
+        after this returns), or the store may close it as idle.
+
         :raises InvalidIdError: the id is not valid (checked before any file access).
         :raises FileNotFoundError: there is no such conversation.
+        :raises OSError: it cannot be opened (e.g. no file descriptor is left,
+            :data:`DESCRIPTOR_ERRNOS`, after closing the idle logs).
         :raises LogClosedError: the store is closed.
         """
         path = self.path(conversation_id)
-        self._check_open()
-        log = self._logs.get(conversation_id)
-        if log is not None:
-            return log
-        task = self._opening.get(conversation_id)
-        if task is None:
-            # One open per log, shared by concurrent callers and shielded from their
-            # cancellation: the open holds a file and a lock that only the store releases.
-            task = asyncio.ensure_future(self._open(conversation_id, path))
-            self._opening[conversation_id] = task
-            task.add_done_callback(lambda _: self._opening.pop(conversation_id, None))
-        return await asyncio.shield(task)
+        while True:
+            self._check_open()
+            log = self._logs.get(conversation_id)
+            if log is not None:
+                self._logs.move_to_end(conversation_id)
+                return log
+            task = self._opening.get(conversation_id)
+            if task is None:
+                # One open per log, shared by concurrent callers and shielded from their
+                # cancellation: the open holds a file and a lock only the store releases.
+                task = asyncio.ensure_future(self._open(conversation_id, path))
+                self._opening[conversation_id] = task
+                task.add_done_callback(lambda _: self._opening.pop(conversation_id, None))
+            log = await asyncio.shield(task)
+            if self._logs.get(conversation_id) is log:
+                return log
+            # Closed as idle by another open before this caller resumed: open it again.
 
     async def _open(self, conversation_id: str, path: Path) -> ConversationLog:
-        log = await ConversationLog.open(path, commit=self.commit)
-        self._logs[conversation_id] = log
+        evicting = self._evicting.get(conversation_id)
+        if evicting is not None:  # its fd still holds the lock: wait until it is closed
+            await asyncio.shield(evicting)
+        known = self._known.pop(conversation_id, None)
+        log = await self._retry_on_descriptors(
+            lambda: ConversationLog.open(path, commit=self.commit, known=known)
+        )
+        self._add(conversation_id, log)
         return log
 
-    async def open_all(self) -> list[ConversationLog]:
-        """Open (and so recover) every log in the data dir. A log that cannot be opened
-        is logged and skipped: it never keeps the others from being served."""
-        logs = []
+    async def recover_all(self) -> int:
+        """Open (and so recover) every log in the data dir, as many at a time as
+        ``max_open`` allows. A log that cannot be opened is logged and skipped: it never
+        keeps the others from being served.
+
+        :returns: how many logs were opened.
+        """
+        opened = 0
         for conversation_id in sorted(self.ids()):
-            try:
-                logs.append(await self.open(conversation_id))
-            except (OSError, LogError) as exc:
-                if isinstance(exc, LogClosedError):
-                    raise
-                logger.error("conversation %s cannot be opened: %s", conversation_id, exc)
-        return logs
+            if await self._try_open(conversation_id) is not None:
+                opened += 1
+        return opened
+
+    async def _try_open(self, conversation_id: str) -> ConversationLog | None:
+        try:
+            return await self.open(conversation_id)
+        except (OSError, LogError) as exc:
+            if isinstance(exc, LogClosedError):
+                raise
+            logger.error("conversation %s cannot be opened: %s", conversation_id, exc)
+            return None
 
     async def list(self) -> list[ConversationInfo]:
-        """Every conversation, newest ``updated`` first."""
+        """Every conversation, newest ``updated`` first.
+
+        Open logs are listed from memory, closed ones from what their last clean close
+        left while their file is unchanged (one ``lstat`` each); any other is opened (and
+        so recovered) first. A log that cannot be opened is logged and left out.
+        """
         rows = []
-        for log in await self.open_all():
-            summary = log.summary
-            rows.append(
-                ConversationInfo(
-                    id=log.path.name[: -len(SUFFIX)],
-                    title=summary.title,
-                    created=summary.created,
-                    updated=summary.updated,
-                    size=log.committed,
-                )
-            )
+        for conversation_id, info in self._entries():
+            log = self._logs.get(conversation_id)
+            known = self._known.get(conversation_id)
+            if log is not None:
+                rows.append(_row(conversation_id, log.summary, log.committed))
+            elif known is not None and info is not None and FileKey.of(info) == known.key:
+                rows.append(_row(conversation_id, known.summary, known.key.size))
+            elif (log := await self._try_open(conversation_id)) is not None:
+                rows.append(_row(conversation_id, log.summary, log.committed))
         rows.sort(key=lambda row: (row.updated, row.id), reverse=True)
         return rows
+
+    def _entries(self) -> list[tuple[str, os.stat_result | None]]:
+        out = []
+        for conversation_id in self.ids():
+            try:
+                out.append((conversation_id, os.lstat(self.path(conversation_id))))
+            except OSError:
+                out.append((conversation_id, None))
+        return out
+
+    # -- the bound on open logs -----------------------------------------------------------
+
+    @property
+    def open_logs(self) -> int:
+        """Logs open now (each holds two file descriptors)."""
+        return len(self._logs)
+
+    def _add(self, conversation_id: str, log: ConversationLog) -> None:
+        self._logs[conversation_id] = log
+        self._logs.move_to_end(conversation_id)
+        self._evict(self.max_open, spare=conversation_id)
+
+    def _evict(self, keep: int, *, spare: str | None = None) -> None:
+        """Start closing idle logs, least recently used first, until at most ``keep``
+        stay open (fewer idle ones: as many as there are), never ``spare`` (the log just
+        opened for a caller). Synchronous: a log is out of :attr:`_logs` before anything
+        can hand it out again."""
+        excess = len(self._logs) - keep
+        if excess <= 0:
+            return
+        for conversation_id, log in list(self._logs.items()):
+            if excess <= 0:
+                break
+            if not log.idle or conversation_id == spare:
+                continue
+            del self._logs[conversation_id]
+            excess -= 1
+            task = asyncio.ensure_future(self._close_idle(conversation_id, log))
+            self._evicting[conversation_id] = task
+            task.add_done_callback(lambda _, c=conversation_id: self._evicting.pop(c, None))
+
+    async def _close_idle(self, conversation_id: str, log: ConversationLog) -> None:
+        try:
+            await log.close()
+        except Exception:  # the close of a log nobody uses must not go unseen
+            logger.exception("%s: closing an idle log failed", log.path)
+            return
+        known = log.known()
+        if known is not None:
+            self._known[conversation_id] = known
+
+    async def _retry_on_descriptors(
+        self, attempt: Callable[[], Awaitable[ConversationLog]]
+    ) -> ConversationLog:
+        """Run ``attempt``; if it finds no file descriptor left, close every idle log and
+        run it once more."""
+        try:
+            return await attempt()
+        except OSError as exc:
+            if exc.errno not in DESCRIPTOR_ERRNOS:
+                raise
+            logger.warning(
+                "out of file descriptors with %d logs open; closing the idle ones", len(self._logs)
+            )
+            self._evict(0)
+            await asyncio.gather(*self._evicting.values(), return_exceptions=True)
+            return await attempt()
 
     def _check_open(self) -> None:
         if self._closing is not None:
@@ -222,7 +362,8 @@ class Store:
 
     async def _close(self) -> None:
         await asyncio.gather(*self._opening.values(), return_exceptions=True)
-        logs, self._logs = self._logs, {}
+        await asyncio.gather(*self._evicting.values(), return_exceptions=True)
+        logs, self._logs = self._logs, collections.OrderedDict()
         try:
             for log in logs.values():
                 await log.close()
@@ -237,13 +378,28 @@ LOCK_NAME: Final = "chatledger.lock"
 """The file in the data dir whose ``flock`` says which process serves it."""
 
 
-def _lock_data_dir(data_dir: Path) -> int:
+def _row(conversation_id: str, summary: Summary, size: int) -> ConversationInfo:
+    return ConversationInfo(
+        id=conversation_id,
+        title=summary.title,
+        created=summary.created,
+        updated=summary.updated,
+        size=size,
+    )
+
+
+def _lock_data_dir(data_dir: Path, *, read_only: bool) -> int:
+    """The data dir's lock, held (an fd); ``-1`` for a read-only data dir without a lock
+    file (no server can be writing it: it would have made one)."""
     path = data_dir / LOCK_NAME
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (0 if read_only else os.O_CREAT)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, flags, 0o600)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise ForeignFileError(path, f"{LOCK_NAME} is a symbolic link") from None
+        if read_only and exc.errno == errno.ENOENT:
+            return -1
         raise
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

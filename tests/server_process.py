@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -19,6 +20,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _limit_files(nofile: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+
 @dataclass
 class ServerProcess:
     process: subprocess.Popen
@@ -32,10 +37,15 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def serve(
-    data_dir: Path, *args: str, port: int | None = None, timeout: float = 60.0
+    data_dir: Path,
+    *args: str,
+    port: int | None = None,
+    timeout: float = 60.0,
+    nofile: int | None = None,
 ) -> Iterator[ServerProcess]:
     """Start ``python -m chatledger serve`` and yield once its startup line is printed.
-    The process is terminated on exit if it still runs."""
+    The process is terminated on exit if it still runs. ``nofile`` sets its open-file
+    limit, soft and hard (as ``prlimit --nofile=N:N`` would)."""
     port = port or free_port()
     log_path = data_dir.parent / f"server-{port}-{time.monotonic_ns()}.out"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -56,6 +66,7 @@ def serve(
             stderr=subprocess.STDOUT,
             cwd=Path(__file__).resolve().parent.parent,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=None if nofile is None else lambda: _limit_files(nofile),
         )
     try:
         deadline = time.monotonic() + timeout

@@ -4,7 +4,9 @@ and 7), attacked the way a careless admin or a hostile local user would."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -161,3 +163,81 @@ async def test_a_new_data_dir_is_private(tmp_path):
     assert (tmp_path / "fresh" / "data").stat().st_mode & 0o777 == 0o700
     assert store.directory.stat().st_mode & 0o777 == 0o700
     await store.close()
+
+
+# -- finding 5: a vanished data dir or an unlinked log --------------------------------
+
+
+async def test_a_data_dir_deleted_while_running_fails_its_logs(make_client, data_dir):
+    """Finding 5: replies went on "committing" into unlinked files (``writable: true``,
+    ``202``s), all lost at restart. Now the first append after the delete fails the log
+    (``503``), and nothing is ever reported committed into a deleted file."""
+    client = await make_client()
+    cid = await create_conversation(client, title="doomed")
+    before = await (await client.get(f"/api/conversations/{cid}")).json()
+    shutil.rmtree(data_dir)
+    response = await client.post(f"/api/conversations/{cid}/messages", json={"text": "hi"})
+    assert response.status == 503, await response.text()
+    assert (await response.json())["error"] == "log_failed"
+    after = await (await client.get(f"/api/conversations/{cid}")).json()
+    assert after["writable"] is False and after["offset"] == before["offset"]
+    again = await client.post(f"/api/conversations/{cid}/messages", json={"text": "hi"})
+    assert again.status == 503
+
+
+async def test_an_unlinked_log_takes_no_reply(make_client, data_dir):
+    client = await make_client()
+    cid = await create_conversation(client)
+    kept = await create_conversation(client)
+    (data_dir / "conversations" / f"{cid}.jsonl").unlink()
+    response = await client.post(f"/api/conversations/{cid}/messages", json={"text": "hi"})
+    assert response.status == 503
+    ok = await client.post(f"/api/conversations/{kept}/messages", json={"text": "hi"})
+    assert ok.status == 202  # the other logs are untouched
+
+
+# -- finding 9: a read-only data dir ----------------------------------------------------
+
+
+@contextlib.contextmanager
+def read_only_view(source: Path, target: Path):
+    """``target``: a read-only bind mount of ``source`` (skips where mounting is not
+    allowed: permission bits do not stop root, a read-only mount does)."""
+    target.mkdir()
+    mounted = subprocess.run(["mount", "--bind", str(source), str(target)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {mounted.stderr.decode().strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(target)], check=True)
+        yield target
+    finally:
+        subprocess.run(["umount", "--lazy", str(target)], check=True)
+
+
+async def test_a_read_only_data_dir_is_served_read_only(make_client, data_dir, tmp_path):
+    """Finding 9: a read-only data dir listed no conversations and answered 503 for
+    each. Now every conversation is listed and readable; writes get a clear 503."""
+    conversations = data_dir / "conversations"
+    conversations.mkdir(parents=True, mode=0o700)
+    (conversations / "whole.jsonl").write_bytes(
+        a_log("whole", records.user(message_id="u", text="kept"))
+    )
+    torn_log = a_log("torn")
+    (conversations / "torn.jsonl").write_bytes(torn_log + b'{"type":"chu')
+    before = snapshot(conversations)
+    with read_only_view(data_dir, tmp_path / "ro") as view:
+        client = await make_client(data_dir=view)  # closed by the fixture if this fails
+        listing = await (await client.get("/api/conversations")).json()
+        assert sorted(row["id"] for row in listing) == ["torn", "whole"]
+        whole = await (await client.get("/api/conversations/whole")).json()
+        assert whole["writable"] is False
+        assert [m["text"] for m in whole["messages"]] == ["kept"]
+        torn = await client.get("/api/conversations/torn/log")
+        assert await torn.read() == torn_log  # the torn tail is not served
+        post = await client.post("/api/conversations/whole/messages", json={"text": "hi"})
+        assert post.status == 503 and (await post.json())["error"] == "read_only"
+        create = await client.post("/api/conversations", json={})
+        assert create.status == 503 and (await create.json())["error"] == "read_only"
+        assert "read-only" in (await create.json())["message"]
+        await client.close()
+    assert snapshot(conversations) == before
