@@ -2,8 +2,7 @@
 
 For each ``conversations/<id>.jsonl`` it checks, without writing anything:
 
-* every line is a valid record (:func:`storage.records.decode`), nothing after the last
-  ``\\n`` unless a server is writing the log right now;
+* every line is a valid record (:func:`storage.records.decode`);
 * the first record is ``conversation`` with the file's id;
 * per reply: one ``start``, ``chunk`` indexes ``0, 1, 2, …`` with no gap or repeat, at most
   one ``end`` with a known ``finish``, nothing of the reply after its ``end``;
@@ -11,13 +10,33 @@ For each ``conversations/<id>.jsonl`` it checks, without writing anything:
   (a server holds the log's ``flock``);
 * at most one reply open at a time, and ``ts`` never goes back.
 
+What it finds is one of two kinds:
+
+* **warnings**: what a crash (SIGKILL, a power cut, a full disk) leaves and the next open
+  of the log repairs on its own (:func:`storage.recovery.open_file`,
+  :meth:`storage.log.ConversationLog.open`), when no server holds the log:
+
+  - a torn tail: bytes after the last ``\\n``, or trailing lines that are no record with
+    no valid record after them; the next open cuts them into ``<id>.jsonl.torn-<ts>``;
+  - a reply with a ``start`` and no ``end``; the next open appends its ``end`` with
+    ``finish: "interrupted"``;
+  - a log with no whole record (0 bytes, or only a torn first line): a create that never
+    completed; the next open keeps its bytes (if any) in ``<id>.jsonl.torn-<ts>`` and
+    removes the file, so the conversation never existed.
+
+* **errors** (:attr:`LogReport.problems`): damage no open repairs, e.g. an invalid line
+  with valid records after it (the log opens read-only), a wrong first record, chunk
+  index gaps, ``ts`` going back.
+
 :func:`verify_log` is pure over an iterable of lines; :func:`verify_dir` does the I/O.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +51,11 @@ __all__ = ["LogReport", "verify_dir", "verify_log"]
 class LogReport:
     """What :func:`verify_log` found in one log.
 
-    :ivar problems: one sentence each, with the byte offset where it applies.
+    :ivar size: bytes of the log's valid prefix (what the next open keeps).
+    :ivar problems: errors, damage that no open repairs; one sentence each, with the
+        byte offset where it applies.
+    :ivar warnings: crash leftovers that the next open repairs (see the module's
+        docstring); one sentence each, saying what that open will do.
     """
 
     conversation_id: str
@@ -42,9 +65,11 @@ class LogReport:
     open_reply: str | None = None
     writer_running: bool = False
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
+        """No errors (warnings may remain: the next open repairs them)."""
         return not self.problems
 
 
@@ -53,28 +78,40 @@ def verify_log(
 ) -> LogReport:
     """Check the lines of one log (each with its ``\\n``, the last one possibly without).
 
-    :param writer_running: a server holds the log: its last reply may be open and an
-        unterminated last line may be a write in flight.
+    :param writer_running: a server holds the log: it already recovered the log when it
+        opened it, its last reply may be open and an unterminated last line may be a
+        write in flight. Trailing invalid lines are then errors, not a torn tail (the
+        server appends after them).
     """
     report = LogReport(conversation_id, writer_running=writer_running)
     problems = report.problems
+    name = f"{conversation_id}{SUFFIX}"
     offset = 0
     last_ts = None
     next_chunk: dict[str, int] = {}  # open replies -> next chunk index
     ended: set[str] = set()
+    unrecorded: list[str] = []  # invalid lines no valid record has followed yet
+    torn_at: int | None = None  # where the bytes that are no record begin
+    partial = 0  # bytes after the last newline
+    corrupt = False  # an invalid line with valid records after it
     for line in lines:
         at = offset
         offset += len(line)
         if not line.endswith(b"\n"):
-            if not writer_running:
-                problems.append(f"byte {at}: {len(line)} bytes after the last newline (torn tail)")
-            offset = at  # not part of the log
+            partial = len(line)
+            torn_at = at if torn_at is None else torn_at
             break
         try:
             record = decode(line)
         except RecordError as exc:
-            problems.append(f"byte {at}: invalid record: {exc}")
+            unrecorded.append(f"byte {at}: invalid record: {exc}")
+            torn_at = at if torn_at is None else torn_at
             continue
+        if unrecorded:  # valid records follow: corruption, not a torn tail
+            corrupt = True
+            problems.extend(f"{bad} (valid records follow: corrupt)" for bad in unrecorded)
+            unrecorded.clear()
+        torn_at = None
         report.records += 1
         kind, ts = record["type"], record["ts"]
         if last_ts is not None and ts < last_ts:
@@ -121,31 +158,72 @@ def verify_log(
                 ended.add(reply_id)
             if record.get("finish") not in FINISH_REASONS:
                 problems.append(f"byte {at}: unknown finish {record.get('finish')!r}")
-    report.size = offset
-    if report.records == 0:
-        problems.append("empty log: no conversation record")
+    end = offset - partial if torn_at is None else torn_at  # the valid prefix
+    report.size = end
+    torn = offset - end  # bytes the next open cuts
+    if writer_running:
+        # The server recovered the log when it opened it: invalid complete lines came
+        # later and its appends go after them. A partial last line is a write in flight,
+        # and a log with no record yet a create in flight.
+        problems.extend(f"{bad} (a server is writing after it)" for bad in unrecorded)
+    elif report.records == 0:
+        kept = f" keeps its {torn} bytes in {name}.torn-<ts> and" if torn else ""
+        report.warnings.append(
+            f"no whole record ({torn} bytes): a create that never completed;"
+            f" the next open{kept} removes the log (the conversation never existed)"
+        )
+    elif torn:
+        what = (
+            unrecorded[0] if unrecorded else f"byte {end}: {partial} bytes after the last newline"
+        )
+        _leftover(
+            report,
+            corrupt,
+            f"{what}: a torn tail of {torn} bytes (never committed)",
+            f"the next open cuts it into {name}.torn-<ts>",
+        )
     for reply_id in next_chunk:
         if writer_running and len(next_chunk) == 1:
             report.open_reply = reply_id
+        elif writer_running:
+            problems.append(f"reply {reply_id} has a start and no end while another runs")
         else:
-            problems.append(f"reply {reply_id} has a start and no end (interrupted, not closed)")
+            _leftover(
+                report,
+                corrupt,
+                f"reply {reply_id} has a start and no end (interrupted)",
+                "the next open appends its end with finish 'interrupted'",
+            )
     return report
 
 
-def _writer_running(path: Path) -> bool:
-    """Whether another process holds the log's exclusive ``flock`` (a running server)."""
-    fd = os.open(path, os.O_RDONLY)
+def _leftover(report: LogReport, corrupt: bool, what: str, repair: str) -> None:
+    """A crash leftover: a warning saying how the next open repairs it, or an error
+    when the log is corrupt (it then opens read-only and nothing is repaired)."""
+    if corrupt:
+        report.problems.append(f"{what}; not repaired: the log is corrupt (opens read-only)")
+    else:
+        report.warnings.append(f"{what}; {repair}")
+
+
+def _writer_running(fd: int) -> bool:
+    """Whether another process holds the exclusive ``flock`` of the log open as ``fd``
+    (a running server). Takes a shared lock for a moment if not; closing ``fd`` or
+    the unlock below releases it."""
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
-    finally:
-        os.close(fd)  # releases the shared lock, if taken
+    fcntl.flock(fd, fcntl.LOCK_UN)
     return False
 
 
 def verify_dir(data_dir: Path) -> list[LogReport]:
     """Verify every log under ``<data_dir>/conversations``, sorted by id.
+
+    A log is opened ``O_NOFOLLOW | O_NONBLOCK`` and must be a regular file, as the server
+    requires (:func:`storage.recovery.open_own`): a symbolic link or a FIFO is reported
+    as an error, never followed or read.
 
     :raises FileNotFoundError: there is no ``conversations`` directory.
     """
@@ -155,7 +233,17 @@ def verify_dir(data_dir: Path) -> list[LogReport]:
         stem = path.name[: -len(SUFFIX)]
         if not path.name.endswith(SUFFIX) or not CONVERSATION_ID.fullmatch(stem):
             continue
-        running = _writer_running(path)
-        with open(path, "rb") as stream:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            what = "a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+            reports.append(LogReport(stem, problems=[f"not a log: {what}; the server refuses it"]))
+            continue
+        with open(fd, "rb") as stream:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                problems = ["not a log: not a regular file; the server refuses it"]
+                reports.append(LogReport(stem, problems=problems))
+                continue
+            running = _writer_running(fd)
             reports.append(verify_log(stem, stream, writer_running=running))
     return reports
