@@ -1,8 +1,9 @@
 """P2, many live replies: chunks/s and provider-to-client latency with 100 and 1,000
 concurrent replies (one conversation each) at 20 tokens/s each, ``--durability fsync``.
 
-One chatledger server (``--demo-tokens-per-s 20 --max-streams 0 --messages-per-minute 0``)
-runs as a subprocess. Each round creates N conversations, then starts N replies, one
+One chatledger server (``--demo-tokens-per-s 20 --max-streams 0 --max-streams-per-client 0
+--messages-per-minute 0 --creates-per-minute 0``: every client is this one) runs as a
+subprocess. Each round creates N conversations, then starts N replies, one
 ``POST .../messages`` with ``Accept: text/event-stream`` per conversation, spread evenly
 over ``--ramp`` seconds, and reads every stream to its ``end`` with a lean raw-socket SSE
 client (one process, this one). Rounds interleave N = 100 and N = 1,000; medians of the
@@ -205,7 +206,8 @@ def main() -> None:
         work / "data",
         "--durability", args.durability, "--demo-tokens-per-s", str(RATE),
         "--demo-reply-tokens", str(args.tokens), "--max-streams", "0",
-        "--messages-per-minute", "0",
+        "--max-streams-per-client", "0", "--messages-per-minute", "0",
+        "--creates-per-minute", "0",
     )  # fmt: skip
     server = psutil.Process(process.pid)
     results: dict[int, list[dict]] = {size: [] for size in args.sizes}

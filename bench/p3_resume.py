@@ -157,7 +157,9 @@ def main() -> None:
         conversation_id, size, last, middle = build_log(data / "conversations", args.mb)
         build_s = time.perf_counter() - started
         started = time.perf_counter()
-        port, process = c.start_chatledger(data, "--max-streams", "0", timeout=600)
+        port, process = c.start_chatledger(
+            data, "--max-streams", "0", "--max-streams-per-client", "0", timeout=600
+        )
         startup_s = time.perf_counter() - started
         try:
             times, firsts = asyncio.run(

@@ -1,16 +1,16 @@
 """P4, idle streams: server memory (RSS) per idle SSE connection, with 10,000 connections,
 beside a bare aiohttp SSE server that holds the same connections and does nothing else.
 
-Each round starts a fresh server (chatledger: ``--max-streams 0``, default keep-alive;
-bare: an aiohttp handler that sends ``retry:`` and then a keep-alive comment every 15 s),
-creates one conversation (chatledger), opens and closes ``--warmup`` streams, lets it
-settle, reads its RSS from ``/proc`` (psutil), then opens ``--connections`` streams
-(``GET .../events?from=<committed offset>``: caught up, nothing to send), each counted
-once its response head and ``retry:`` arrived, waits ``--settle`` s and reads RSS again.
-Per connection = (after - before) / connections. Clients are lean raw sockets in this
-process (at most ``--concurrency`` connecting at once); this process raises its
-RLIMIT_NOFILE, the server raises its own. Rounds alternate chatledger and bare; medians
-are reported.
+Each round starts a fresh server (chatledger: ``--max-streams 0 --max-streams-per-client
+0``, default keep-alive; bare: an aiohttp handler that sends ``retry:`` and then a
+keep-alive comment every 15 s), creates one conversation (chatledger), opens and closes
+``--warmup`` streams, lets it settle, reads its RSS from ``/proc`` (psutil), then opens
+``--connections`` streams (``GET .../events?from=<committed offset>``: caught up, nothing
+to send), each counted once its response head and ``retry:`` arrived, waits ``--settle``
+s and reads RSS again. Per connection = (after - before) / connections. Clients are lean
+raw sockets in this process (at most ``--concurrency`` connecting at once); this process
+raises its RLIMIT_NOFILE, the server raises its own. Rounds alternate chatledger and
+bare; medians are reported.
 
 Target: <= 20 KB per connection (chatledger).
 
@@ -99,8 +99,9 @@ def rss(pid: int) -> int:
 async def one_round(row: str, work: Path, args) -> dict:
     if row == "chatledger":
         port, process = c.start_chatledger(
-            work / f"data-{time.monotonic_ns()}", "--max-streams", "0"
-        )
+            work / f"data-{time.monotonic_ns()}",
+            "--max-streams", "0", "--max-streams-per-client", "0",
+        )  # fmt: skip
         async with aiohttp.ClientSession() as session:
             conversation_id = await c.create_conversation(session, port)
             async with session.get(

@@ -8,6 +8,7 @@ checked before any file is touched.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -17,12 +18,14 @@ from aiohttp import web
 from ..storage import ConversationLog, Store, check_id, records
 from ..storage.fold import messages
 from . import __version__, sse
+from .admission import client_of
 from .errors import ApiError, during
 from .generation import NoReplyError, Replies, ReplyRunningError, Started
-from .keys import MESSAGE_RATE, PROVIDER, REPLIES, SETTINGS, STORE, STREAM_SLOTS
+from .keys import CREATE_RATE, MESSAGE_RATE, PROVIDER, REPLIES, SETTINGS, STORE, STREAM_SLOTS
 from .stream import EventStream
+from .text import has_visible
 
-__all__ = ["routes"]
+__all__ = ["PINNED_LOGS", "routes", "unpin_logs"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +42,20 @@ def _json(data: Any, *, status: int = 200) -> web.Response:
 
 
 async def _body(request: web.Request, *, required: bool = True) -> dict[str, Any]:
-    raw = await request.read()  # aiohttp raises 413 past client_max_size
+    """The request's JSON object body (``{}`` when empty and not ``required``).
+
+    :raises ApiError: ``408 body_timeout`` (and the connection closes) when the body has
+        not arrived ``Settings.body_timeout`` seconds after its headers; ``400`` when it
+        is no JSON object. (aiohttp answers ``413`` past ``client_max_size``.)
+    """
+    timeout = request.app[SETTINGS].body_timeout
+    try:
+        async with asyncio.timeout(timeout):  # a body that trickles in holds a connection
+            raw = await request.read()
+    except TimeoutError:
+        raise ApiError(
+            408, "body_timeout", f"the request body took longer than {timeout:g} s", close=True
+        ) from None
     if not raw and not required:
         return {}
     try:
@@ -62,10 +78,59 @@ def _optional_str(body: dict[str, Any], name: str, *, max_chars: int | None = No
     return value
 
 
+def _client(request: web.Request) -> str:
+    """Who the request comes from, for per-client limits (:func:`server.admission.client_of`)."""
+    proxies = request.app[SETTINGS].trusted_proxies
+    return client_of(request.remote, request.headers.get("X-Forwarded-For"), proxies)
+
+
+PINNED_LOGS = web.RequestKey("pinned_logs", list)
+"""The logs a request pinned (:func:`_log`); :func:`unpin_logs` unpins them at its end."""
+
+
+def _model(request: web.Request, asked: str | None) -> str:
+    """The model a new conversation gets: ``asked`` if it is the provider's own or one of
+    ``--models``, the provider's own when ``None``.
+
+    :raises ApiError: ``400 unknown_model`` (the answer lists the allowed ones).
+    """
+    own = request.app[PROVIDER].model
+    if asked is None:
+        return own
+    allowed = list(dict.fromkeys((own, *request.app[SETTINGS].models)))
+    if asked not in allowed:
+        raise ApiError(
+            400,
+            "unknown_model",
+            f"'model' must be one of: {', '.join(allowed)}",
+            models=allowed,
+        )
+    return asked
+
+
 async def _log(request: web.Request) -> ConversationLog:
+    """The open log the request's ``conversation_id`` names, pinned until the request
+    ends (:meth:`storage.ConversationLog.pin`: the store closes only idle logs)."""
     conversation_id = check_id(request.match_info["conversation_id"])  # before any file
     with during("open"):
-        return await request.app[STORE].open(conversation_id)
+        log = await request.app[STORE].open(conversation_id)
+    log.pin()  # before any await: the store may close an unpinned log as idle
+    pinned = request.get(PINNED_LOGS)
+    if pinned is None:
+        pinned = request[PINNED_LOGS] = []
+    pinned.append(log)
+    return log
+
+
+@web.middleware
+async def unpin_logs(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Unpin the logs a request pinned once its handler is done (an event stream's
+    handler returns when the stream ends)."""
+    try:
+        return await handler(request)
+    finally:
+        for log in request.get(PINNED_LOGS, ()):
+            log.unpin()
 
 
 def _info(conversation_id: str, log: ConversationLog, replies: Replies) -> dict[str, Any]:
@@ -114,15 +179,19 @@ async def list_conversations(request: web.Request) -> web.Response:
 async def create_conversation(request: web.Request) -> web.Response:
     body = await _body(request, required=False)
     title = _optional_str(body, "title", max_chars=MAX_TITLE_CHARS) or ""
-    model = _optional_str(body, "model", max_chars=200) or request.app[PROVIDER].model
+    if title and not has_visible(title):
+        raise ApiError(400, "invalid_field", "'title' has no visible character")
+    model = _model(request, _optional_str(body, "model", max_chars=200) or None)
     system = _optional_str(body, "system", max_chars=request.app[SETTINGS].max_message_chars)
     store: Store = request.app[STORE]
-    with during("create"):
-        try:
-            log = await store.create(title=title, model=model, system=system)
-        except OSError as exc:
-            logger.error("cannot create a conversation: %s", exc)
-            raise
+    # Checked before any file is made; only a create that succeeds counts.
+    async with request.app[CREATE_RATE].admit(_client(request)):
+        with during("create"):
+            try:
+                log = await store.create(title=title, model=model, system=system)
+            except OSError as exc:
+                logger.error("cannot create a conversation: %s", exc)
+                raise
     conversation_id = log.summary.conversation_id or ""
     return _json(_info(conversation_id, log, request.app[REPLIES]), status=201)
 
@@ -152,17 +221,23 @@ async def post_message(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, "invalid_field", "'text' is required and must be a string")
     if not text.strip():
         raise ApiError(400, "invalid_field", "'text' must not be empty")
+    if not has_visible(text):
+        raise ApiError(400, "invalid_field", "'text' has no visible character")
     limit = request.app[SETTINGS].max_message_chars
     if len(text) > limit:
         raise ApiError(400, "invalid_field", f"'text' is longer than {limit} characters")
     conversation_id = request.match_info["conversation_id"]
     replies = request.app[REPLIES]
-    await request.app[MESSAGE_RATE].hit(request.remote, request.headers.get("X-Forwarded-For"))
+    client = _client(request)
+    # Checked before the message is appended; only an accepted one counts (a 409 does not).
+    rate = request.app[MESSAGE_RATE]
     if "text/event-stream" in request.headers.get("Accept", ""):
-        with request.app[STREAM_SLOTS].hold():  # taken before the message is appended
-            started = await _send(replies, conversation_id, log, text)
+        with request.app[STREAM_SLOTS].hold(client):  # taken before the message is appended
+            async with rate.admit(client):
+                started = await _send(replies, conversation_id, log, text)
             return await _stream(request, log, started.offset, until_end_of=started.reply_id)
-    started = await _send(replies, conversation_id, log, text)
+    async with rate.admit(client):
+        started = await _send(replies, conversation_id, log, text)
     return _json(
         {
             "message_id": started.message_id,
@@ -204,6 +279,8 @@ async def raw_log(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     response.content_length = end
     await response.prepare(request)
+    if request.method == "HEAD":
+        return response  # the headers only: a HEAD response has no body
     position = 0
     while position < end:
         block = await log.read(position, min(end, position + (1 << 20)))
@@ -220,7 +297,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         start = sse.start_offset(request.headers, request.query)
     except sse.StartOffsetError as exc:
         raise ApiError(400, "invalid_offset", str(exc)) from None
-    with request.app[STREAM_SLOTS].hold():
+    with request.app[STREAM_SLOTS].hold(_client(request)):
         return await _stream(request, log, start)
 
 

@@ -12,22 +12,25 @@ open event stream sends its last events and ends cleanly.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import resource
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
 
 from ..storage import FileIO, Store
-from .admission import MessageRate, StreamSlots
-from .api import routes
+from . import edge
+from .admission import ClientRate, StreamSlots
+from .api import routes, unpin_logs
 from .errors import json_errors
 from .generation import Replies
-from .keys import MESSAGE_RATE, PROVIDER, REPLIES, SETTINGS, STORE, STREAM_SLOTS
+from .keys import CREATE_RATE, MESSAGE_RATE, PROVIDER, REPLIES, SETTINGS, STORE, STREAM_SLOTS
 from .providers import Provider
 from .settings import Settings
 
-__all__ = ["STATIC_DIR", "build_provider", "init_app"]
+__all__ = ["STATIC_DIR", "build_provider", "init_app", "open_log_budget"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,30 +78,49 @@ def init_app(
     :param file_io: system-call layer for the logs (tests inject faults here).
     :param provider: use this provider instead of building one from ``settings``.
     """
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[json_errors])
+    app = web.Application(
+        client_max_size=settings.max_body_bytes, middlewares=[json_errors, unpin_logs]
+    )
     app[SETTINGS] = settings
-    store = Store(settings.data_dir, durability=settings.durability, file_io=file_io)
+    store = Store(
+        settings.data_dir,
+        durability=settings.durability,
+        file_io=file_io,
+        max_open=open_log_budget(settings.max_open_logs),
+    )
     app[STORE] = store
     chosen = provider if provider is not None else build_provider(settings)
     app[PROVIDER] = chosen
     app[REPLIES] = Replies(chosen)
-    app[STREAM_SLOTS] = StreamSlots(settings.max_streams)
-    app[MESSAGE_RATE] = MessageRate(
-        settings.messages_per_minute, trusted_proxies=settings.trusted_proxies
+    app[STREAM_SLOTS] = StreamSlots(
+        settings.max_streams, per_client=settings.max_streams_per_client
     )
+    app[MESSAGE_RATE] = ClientRate(settings.messages_per_minute, what="messages")
+    app[CREATE_RATE] = ClientRate(settings.creates_per_minute, what="conversations")
     app.add_routes(routes)
     app.router.add_get("/", _index)
-    app.router.add_static("/static/", STATIC_DIR, append_version=False)
+    app.router.add_get("/static/{path:.+}", _static)
+    edge.install(app, settings)  # Host, same origin, JSON bodies; headers of every answer
     app.cleanup_ctx.append(_resources)
     app.on_shutdown.append(_shut_down)
     return app
 
 
+def open_log_budget(requested: int) -> int:
+    """The open logs a store may keep: ``requested``, but at most a quarter of the
+    process's open-file limit (``RLIMIT_NOFILE``, soft) in file descriptors (two per
+    log), so sockets (one per event stream) and the rest keep three quarters; at least 1."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return max(1, requested)
+    return max(1, min(requested, soft // 8))
+
+
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     store, provider = app[STORE], app[PROVIDER]
     try:
-        logs = await store.open_all()
-        logger.info("opened %d conversation logs in %s", len(logs), store.directory)
+        opened = await store.recover_all()
+        logger.info("recovered %d conversation logs in %s", opened, store.directory)
         await provider.start()
     except BaseException:
         await store.close()  # releases the data dir
@@ -117,3 +139,29 @@ async def _shut_down(app: web.Application) -> None:
 
 async def _index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def _static(request: web.Request) -> web.FileResponse:
+    """A file under :data:`STATIC_DIR`; anything else is a JSON ``404`` (aiohttp's own
+    static route answers a missing file with an empty ``404`` that no middleware sees)."""
+    path = await asyncio.get_running_loop().run_in_executor(
+        None, _static_file, request.match_info["path"]
+    )
+    if path is None:
+        raise web.HTTPNotFound()
+    return web.FileResponse(path)
+
+
+def _static_file(relative: str) -> Path | None:
+    """The regular file ``relative`` names inside :data:`STATIC_DIR`, or ``None``: no
+    such file, a directory, a hidden name, or a path that leads outside."""
+    parts = relative.split("/")
+    if any(not part or part.startswith(".") or "\\" in part or "\0" in part for part in parts):
+        return None
+    root = STATIC_DIR.resolve()
+    try:
+        path = root.joinpath(*parts).resolve()
+        path.relative_to(root)
+        return path if path.is_file() else None
+    except (OSError, ValueError, RuntimeError):  # RuntimeError: a symlink loop
+        return None

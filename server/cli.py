@@ -1,7 +1,7 @@
 """The ``chatledger`` command.
 
 ``chatledger verify [--data-dir D]`` checks every log read-only and exits 1 if any is
-wrong (:mod:`storage.verify`).
+damaged; crash leftovers that the next open repairs are warnings (:mod:`storage.verify`).
 
 ``chatledger serve [flags]`` runs the server until SIGINT or SIGTERM, then shuts down
 gracefully (running replies end with ``finish: "interrupted"``, streams close after their
@@ -52,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
     for name in _FLAGS:
         _add_flag(serve, name)
     verify = commands.add_parser(
-        "verify", help="check every conversation log, read-only; exit 1 if any is wrong"
+        "verify", help="check every conversation log, read-only; exit 1 if any is damaged"
     )
     _add_flag(verify, "data_dir")
     return top
@@ -104,24 +104,32 @@ def _help(text: str, default: object) -> str:
 
 
 def verify(data_dir: Path) -> int:
-    """``chatledger verify``: print a report per conversation. :returns: 0 if all are
-    sound, 1 if any is wrong, 2 if there is no data dir."""
+    """``chatledger verify``: print a report per conversation (``ok``, ``warn``: only
+    crash leftovers the next open repairs, ``FAIL``: damage), its errors and warnings
+    under it. :returns: 0 if no log has an error (warnings or not), 1 if any has, 2 if
+    there is no data dir."""
     try:
         reports = verify_dir(data_dir)
     except FileNotFoundError:
         print(f"chatledger: no conversations in {data_dir}", file=sys.stderr)
         return 2
     for report in reports:
-        status = "ok  " if report.ok else "FAIL"
+        status = "FAIL" if not report.ok else "warn" if report.warnings else "ok  "
         running = f", reply {report.open_reply} running" if report.open_reply else ""
         print(
             f"{status} {report.conversation_id}: {report.records} records, {report.size} bytes,"
             f" {report.replies} replies{running}"
         )
         for problem in report.problems:
-            print(f"     - {problem}")
+            print(f"     error: {problem}")
+        for warning in report.warnings:
+            print(f"     warning: {warning}")
     bad = sum(not r.ok for r in reports)
-    print(f"{len(reports)} conversations checked, {bad} with problems")
+    warned = sum(r.ok and bool(r.warnings) for r in reports)
+    print(
+        f"{len(reports)} conversations checked, {bad} with errors,"
+        f" {warned} with warnings only (repaired when the server next opens them)"
+    )
     return 1 if bad else 0
 
 
@@ -141,13 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     settings = settings_from(args)
+    _raise_open_file_limit()  # before init_app: the store sizes its open logs by it
     try:
         provider = build_provider(settings)
         app = init_app(settings, provider=provider)
     except (ProviderError, ValueError, OSError) as exc:
         print(f"chatledger: {exc}", file=sys.stderr)
         return 2
-    _raise_open_file_limit()
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     line = (
         f"chatledger {__version__} serving http://{host}:{settings.port}/ "

@@ -23,6 +23,7 @@ import orjson
 from aiohttp import web
 
 from ..storage import (
+    DESCRIPTOR_ERRNOS,
     InvalidIdError,
     LogClosedError,
     LogFailedError,
@@ -59,6 +60,7 @@ class ApiError(Exception):
     :param code: the machine-readable ``error`` field.
     :param message: the human-readable ``message`` field.
     :param headers: response headers (e.g. ``Retry-After``).
+    :param close: close the connection after the answer (no keep-alive).
     :param extra: more fields of the JSON body (e.g. ``offset``).
     """
 
@@ -69,6 +71,7 @@ class ApiError(Exception):
         message: str,
         *,
         headers: dict[str, str] | None = None,
+        close: bool = False,
         **extra: Any,
     ) -> None:
         super().__init__(message)
@@ -76,15 +79,19 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.headers = headers
+        self.close = close
         self.extra = extra
 
     def response(self) -> web.Response:
         """The answer: ``application/json`` with ``error``, ``message`` and the extra fields."""
-        return _json_response(
+        response = _json_response(
             {"error": self.code, "message": self.message, **self.extra},
             status=self.status,
             headers=self.headers,
         )
+        if self.close:
+            response.force_close()  # "Connection: close"
+        return response
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +165,16 @@ STORAGE_ERRORS: Final[tuple[Rule, ...]] = (
         str,
         extra=lambda exc: {"retry_after": exc.retry_after},
         headers=lambda exc: {"Retry-After": str(exc.retry_after)},
+    ),
+    Rule(
+        OSError,  # the process (or system) has no file descriptor left, even after the
+        # store closed its idle logs: nothing was created; a retry soon may succeed
+        503,
+        "server_busy",
+        "the server has too many files open; try again shortly",
+        when=lambda exc: exc.errno in DESCRIPTOR_ERRNOS,
+        headers=lambda exc: {"Retry-After": "5"},
+        extra=lambda exc: {"retry_after": 5},
     ),
     Rule(
         OSError,  # e.g. the disk lost bytes the log's last writer wrote

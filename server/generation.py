@@ -30,6 +30,7 @@ from typing import Any
 from ..storage import ConversationLog, LogClosedError, LogError, new_id, records
 from ..storage.fold import messages, prompt
 from .providers import Delta, Provider, ProviderError
+from .text import has_visible
 
 __all__ = ["NoReplyError", "ReplyRunningError", "Replies", "Started"]
 
@@ -111,6 +112,7 @@ class Replies:
         log.check_writable()
         reply = _Reply(reply_id=new_id())
         self._running[conversation_id] = reply  # claimed before the first await
+        log.pin()  # open until the reply ends (the store closes only idle logs)
         try:
             message = records.user(message_id=new_id(), text=text)
             # No other writer appends to this log now (the reply slot is claimed), so the
@@ -122,6 +124,7 @@ class Replies:
             after = await committed
         except BaseException:
             del self._running[conversation_id]
+            log.unpin()
             reply.created.set()
             raise
         reply.task = asyncio.create_task(
@@ -193,6 +196,7 @@ class Replies:
             await self._finish(conversation_id, log, reply)
         finally:
             self._running.pop(conversation_id, None)
+            log.unpin()
 
     def _begin(self, log: ConversationLog, reply: _Reply, message_id: str, model: str) -> None:
         """Queue the ``start`` record, not awaited: it commits before any chunk, and the
@@ -282,9 +286,11 @@ def _uncancel() -> None:
 
 
 def title_from(text: str, limit: int = 60) -> str:
-    """A conversation title from its first message: the first line, whitespace
-    collapsed, cut at a word boundary to at most ``limit`` characters (with "…")."""
-    line = " ".join(text.strip().splitlines()[0].split()) if text.strip() else ""
+    """A conversation title from its first message: its first line with a visible
+    character (:func:`server.text.has_visible`), whitespace collapsed, cut at a word
+    boundary to at most ``limit`` characters (with "…")."""
+    shown = [line for line in text.splitlines() if has_visible(line)]
+    line = " ".join(shown[0].split()) if shown else ""
     if len(line) <= limit:
         return line
     cut = line[: limit - 1].rsplit(" ", 1)[0] or line[: limit - 1]

@@ -143,8 +143,9 @@ export function describeFinish(message) {
  * @param {{running: boolean, failed: boolean}} state
  */
 export function renderControls(ui, view, { running, failed }) {
-  ui.title.textContent = view.title || "New chat";
-  document.title = `${view.title || "chat"} · chatledger`;
+  showTitle(ui.title, view.title || "New chat");
+  // FSI .. PDI (UAX #9 isolates): bidi controls in the title cannot reorder the rest.
+  document.title = `\u2068${view.title || "chat"}\u2069 · chatledger`;
   ui.text.disabled = failed;
   ui.send.disabled = running || failed;
   ui.stop.hidden = !running;
@@ -163,13 +164,33 @@ export function renderList(list, rows, currentId) {
       const item = document.createElement("li");
       const link = document.createElement("a");
       link.href = `#/c/${row.id}`;
-      link.textContent = row.title || "New chat";
+      showTitle(link, row.title || "New chat");
       link.title = new Date(row.updated).toLocaleString();
       if (row.id === currentId) link.setAttribute("aria-current", "page");
       item.append(link);
       return item;
     }),
   );
+}
+
+/**
+ * Show a conversation title as the only content of `element`, bidi-isolated: in a
+ * `<bdi class="title" dir="auto">` (style.css: `unicode-bidi: isolate`), so the title's
+ * direction comes from its own first strong character, and bidi controls in it (U+202E
+ * RIGHT-TO-LEFT OVERRIDE, say) cannot reorder anything around it (UAX #9 isolates).
+ * The title is inserted as text, exactly as the log has it.
+ * @param {HTMLElement} element the sidebar link, or the #chat-title heading
+ * @param {string} title
+ */
+export function showTitle(element, title) {
+  let bdi = element.firstElementChild;
+  if (element.childNodes.length !== 1 || !bdi?.matches("bdi.title")) {
+    bdi = document.createElement("bdi");
+    bdi.className = "title";
+    bdi.dir = "auto";
+    element.replaceChildren(bdi);
+  }
+  setText(bdi, title);
 }
 
 /**

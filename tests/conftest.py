@@ -165,6 +165,7 @@ def make_client(aiohttp_client, data_dir: Path):
             retry_ms=overrides.pop("retry_ms", 500),
             demo_tokens_per_s=overrides.pop("demo_tokens_per_s", 0),
             messages_per_minute=overrides.pop("messages_per_minute", 0),
+            creates_per_minute=overrides.pop("creates_per_minute", 0),
             **overrides,
         )
         if provider is None:

@@ -65,8 +65,9 @@ def test_send_stream_reload_mid_reply_and_reconnect(browser, tmp_path):
         expect(page.locator(".message.user .text")).to_have_text(hostile)
         assert page.locator("#messages img, #messages b").count() == 0
 
-        page.wait_for_function(
-            "document.querySelector('.message.assistant .text').textContent.split(' ').length >= 8"
+        page.wait_for_function(  # a function, not an expression: the CSP forbids eval
+            "() => document.querySelector('.message.assistant .text')"
+            ".textContent.split(' ').length >= 8"
         )
         seen_before_reload = reply.locator(".text").text_content()
         page.reload()  # mid-reply: the page folds the log from the start again
@@ -231,4 +232,44 @@ def test_a_reply_whose_log_cannot_be_written_says_so(browser, tmp_path):
         expect(page.locator("#send")).to_be_disabled()
         expect(page.locator("#text")).to_be_disabled()
         assert len(asked) >= 1
+        page.close()
+
+
+def post_json(url: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+
+ISOLATED = """(element) => ({
+  tag: element.tagName, dir: element.getAttribute("dir"),
+  bidi: getComputedStyle(element).unicodeBidi, text: element.textContent,
+  only: element.parentElement.childNodes.length === 1,
+})"""
+
+
+def test_titles_with_rtl_overrides_are_shown_bidi_isolated(browser, tmp_path):
+    """Finding 11: a title with U+202E RIGHT-TO-LEFT OVERRIDE could reorder what the page
+    shows around it. Every title (sidebar and header) sits alone in a ``<bdi dir="auto">``
+    whose computed ``unicode-bidi`` is ``isolate``, with its text exactly as sent."""
+    expect = playwright_sync.expect
+    spoof = "\u202eabc"
+    with serve(tmp_path / "data") as server:
+        base = f"{server.url}/api/conversations"
+        spoofed = post_json(base, {"title": spoof})["id"]
+        post_json(base, {"title": "plain"})
+        page = browser.new_page()
+        page.goto(f"{server.url}/#/c/{spoofed}")
+        expect(page.locator("#conversations li")).to_have_count(2)
+        expect(page.locator("#chat-title")).to_have_text(spoof)
+        titles = page.locator("#conversations a > bdi.title, #chat-title > bdi.title")
+        expect(titles).to_have_count(3)
+        shown = [titles.nth(i).evaluate(ISOLATED) for i in range(3)]
+        assert sorted(s["text"] for s in shown) == sorted([spoof, spoof, "plain"])
+        for title in shown:
+            assert title["tag"] == "BDI" and title["dir"] == "auto", title
+            assert title["bidi"] == "isolate" and title["only"], title
+        assert page.title() == f"\u2068{spoof}\u2069 · chatledger"
         page.close()

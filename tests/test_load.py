@@ -34,7 +34,8 @@ def rss_bytes(pid: int) -> int:
 
 async def test_a_thousand_concurrent_streams(tmp_path):
     raise_open_file_limit()
-    args = ("--demo-tokens-per-s", "50", "--demo-reply-tokens", "30", "--messages-per-minute", "0")
+    args = ("--demo-tokens-per-s", "50", "--demo-reply-tokens", "30", "--messages-per-minute", "0",
+            "--max-streams-per-client", "0")  # fmt: skip
     with serve(tmp_path / "data", *args) as server:
         connector = aiohttp.TCPConnector(limit=0)
         timeout = aiohttp.ClientTimeout(total=120)

@@ -344,9 +344,7 @@ READ_TIMEOUT_S = 2
 
 
 async def test_keepalives_hold_an_idle_stream_open_past_proxy_read_timeout(chatledger, proxy):
-    server = chatledger(
-        "--keepalive", "0.5", "--demo-tokens-per-s", "0", "--demo-reply-tokens", "5"
-    )
+    server = chatledger("--keepalive", "1", "--demo-tokens-per-s", "0", "--demo-reply-tokens", "5")
     nginx = proxy(server, read_timeout=f"{READ_TIMEOUT_S}s")
     loop = asyncio.get_running_loop()
     async with client() as http, asyncio.timeout(60):
