@@ -15,8 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..storage import ConversationLog, Store, check_id, records
-from ..storage.fold import messages
+from ..storage import ConversationLog, Store, check_id
 from . import __version__, sse
 from .admission import client_of
 from .errors import ApiError, during
@@ -198,18 +197,51 @@ async def create_conversation(request: web.Request) -> web.Response:
 
 @routes.get("/api/conversations/{conversation_id}")
 async def get_conversation(request: web.Request) -> web.Response:
+    """The conversation's current path, a page at a time: the newest ``limit`` messages
+    (default :data:`PAGE_LIMIT`, at most :data:`MAX_PAGE_LIMIT`) before the message
+    ``before`` (default: the newest), oldest first; ``more`` says whether older ones
+    exist; ``offset`` is the committed offset the page reflects (open the event stream
+    there). Costs what it returns: the open log keeps its fold up to date.
+
+    :raises ApiError: ``400 invalid_query`` for a bad ``limit``, ``400 unknown_message``
+        for a ``before`` that is no message of this conversation.
+    """
+    limit = _limit(request.query.get("limit"))
+    before = request.query.get("before")
     log = await _log(request)
-    offset = log.committed
-    data = await log.read(0, offset)
-    folded = messages(records.decode_all(data))
+    view = await log.view()
+    offset = log.committed  # no await since the view: the page is exactly this offset's
+    try:
+        page, more = view.page(limit, before)
+    except KeyError:
+        raise ApiError(
+            400, "unknown_message", "'before' is no message of this conversation"
+        ) from None
     conversation_id = request.match_info["conversation_id"]
     return _json(
         {
             **_info(conversation_id, log, request.app[REPLIES]),
-            "messages": folded,
+            "messages": page,
+            "more": more,
             "offset": offset,
         }
     )
+
+
+PAGE_LIMIT = 50
+"""Messages in a page of ``GET /api/conversations/{id}`` unless ``limit`` says."""
+MAX_PAGE_LIMIT = 500
+"""The most messages one page may ask for."""
+
+
+def _limit(text: str | None) -> int:
+    if text is None:
+        return PAGE_LIMIT
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_PAGE_LIMIT:
+        raise ApiError(
+            400, "invalid_query", f"'limit' must be an integer from 1 to {MAX_PAGE_LIMIT}"
+        )
+    return int(text)
 
 
 @routes.post("/api/conversations/{conversation_id}/messages")

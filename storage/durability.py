@@ -53,6 +53,11 @@ class FileIO:
         while view:
             view = view[os.write(fd, view) :]
 
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        """``pread(2)``: up to ``size`` bytes at byte ``offset`` (a log's readers, on a
+        worker thread). :raises OSError: e.g. ``EIO``."""
+        return os.pread(fd, size, offset)
+
     def fdatasync(self, fd: int) -> None:
         """``fdatasync(2)``: the file's data (and size) reach stable storage.
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -37,7 +38,7 @@ from pathlib import Path
 
 from . import records
 from .commit import GroupCommit, LogWriter, Queued
-from .durability import Durability
+from .durability import Durability, FileIO
 from .errors import (
     LogClosedError,
     LogError,
@@ -46,7 +47,7 @@ from .errors import (
     OffsetBoundaryError,
     OffsetRangeError,
 )
-from .fold import Summary
+from .fold import Folded, Summary
 from .recovery import FileKey, Known, create_file, open_file
 
 __all__ = ["READ_BLOCK", "TAIL_BYTES", "ConversationLog", "Listener", "LogState"]
@@ -93,9 +94,11 @@ class ConversationLog:
         committed: int,
         summary: Summary,
         read_only_reason: str | None,
+        file_io: FileIO,
         tail: bytes = b"",
     ) -> None:
         self.path = path
+        self._file_io = file_io
         self.summary = summary
         self._read_fd = read_fd
         self._committed = committed
@@ -109,6 +112,8 @@ class ConversationLog:
         self._tail_start = committed - len(tail)
         self._reads: set[asyncio.Future[bytes]] = set()
         self._pins = 0
+        self._view: Folded | None = None  # built on first use, then kept up to date
+        self._view_task: asyncio.Task[Folded] | None = None
         self._closed_key: FileKey | None = None  # the file as close() left it
 
     def _attach(self, fd: int, commit: GroupCommit) -> None:
@@ -145,6 +150,7 @@ class ConversationLog:
             committed=len(data),
             summary=summary,
             read_only_reason=None,
+            file_io=commit.file_io,
             tail=data,
         )
         log._attach(fd, commit)
@@ -177,6 +183,7 @@ class ConversationLog:
             committed=opened.scan.end,
             summary=opened.scan.summary,
             read_only_reason=opened.read_only_reason,
+            file_io=commit.file_io,
         )
         if opened.fd is None:
             return log
@@ -300,6 +307,12 @@ class ConversationLog:
         for record, _, _ in batch:
             observe(record)
         start = self._committed
+        view = self._view
+        if view is not None:
+            offset = start
+            for record, line, _ in batch:
+                view.observe(record, offset)
+                offset += len(line)
         self._committed = start + len(data)
         self._tail += data
         if len(self._tail) > 2 * TAIL_BYTES:
@@ -372,11 +385,61 @@ class ConversationLog:
         # Tracked until the thread is done with the fd (not until a cancelled reader
         # gives up), so close() never closes an fd a pread still uses.
         pending = asyncio.get_running_loop().run_in_executor(
-            None, os.pread, self._read_fd, size, start
+            None, self._file_io.pread, self._read_fd, size, start
         )
         self._reads.add(pending)
         pending.add_done_callback(self._reads.discard)
         return await asyncio.shield(pending)
+
+    # -- the folded view -----------------------------------------------------------------
+
+    async def view(self) -> Folded:
+        """The conversation folded from every committed record (:class:`~storage.fold.Folded`),
+        kept up to date as records commit: a page of messages or a prompt costs what it
+        returns, never a re-read of the log.
+
+        Built on first use: the committed bytes are read and folded on a worker thread
+        (a long log never holds the event loop), then what committed meanwhile is folded
+        from memory. Concurrent callers share one build. Do not modify what it returns.
+
+        :raises LogClosedError: the log closed before the view was built.
+        """
+        if self._view is not None:
+            return self._view
+        if self._view_task is None:
+            self._view_task = asyncio.ensure_future(self._build_view())
+            self._view_task.add_done_callback(self._view_built)
+        return await asyncio.shield(self._view_task)
+
+    def _view_built(self, task: asyncio.Task[Folded]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            self._view_task = None  # the next caller tries again
+
+    async def _build_view(self) -> Folded:
+        folded = Folded()
+        end = self._committed
+        if end > 0:  # on a thread: a long log never holds the event loop
+            if self._read_fd < 0:
+                raise LogClosedError("log is closed")
+            pending = asyncio.get_running_loop().run_in_executor(
+                None, _fold_file, self._file_io, self._read_fd, end, folded
+            )
+            self._reads.add(pending)  # close() waits for it before closing the fd
+            pending.add_done_callback(self._reads.discard)
+            await asyncio.shield(pending)
+        position = end
+        while position < self._committed:  # the tail, and what committed meanwhile
+            block = await self.read_records(position)
+            for line in block.splitlines(keepends=True):
+                folded.observe(records.decode(line[:-1]), position)
+                position += len(line)
+        self._view = folded  # no await since the loop: _on_commit takes over from here
+        return folded
+
+    @property
+    def memory(self) -> int:
+        """Bytes (roughly) this log holds in memory: its tail and its folded view."""
+        return len(self._tail) + (self._view.size if self._view is not None else 0)
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(offset, block)`` at each commit, synchronously, as soon as the
@@ -476,3 +539,22 @@ class ConversationLog:
                 self._closed_key = None
             os.close(self._read_fd)
             self._read_fd = -1
+
+
+def _fold_file(file_io: FileIO, fd: int, end: int, folded: Folded) -> None:
+    """On a worker thread: fold the committed records in bytes ``[0, end)`` of the log
+    open as ``fd`` (``end`` is a record boundary) into ``folded``, a block at a time."""
+    position = 0
+    pending = b""
+    while position < end:
+        block = file_io.pread(fd, min(READ_BLOCK * 4, end - position), position)
+        if not block:
+            raise OSError(errno.EIO, "the log is shorter than its committed offset")
+        position += len(block)
+        data = pending + block
+        cut = data.rfind(b"\n") + 1
+        offset = position - len(data)
+        for line in data[:cut].splitlines(keepends=True):
+            folded.observe(records.decode(line[:-1]), offset)
+            offset += len(line)
+        pending = data[cut:]

@@ -7,8 +7,9 @@ creates or opens logs.
 **A bounded number of open logs.** An open log costs two file descriptors, so a data dir
 of thousands of conversations cannot keep them all open (the process's ``RLIMIT_NOFILE``
 is often 1,024). Logs open on first use and stay open while used; past ``max_open`` open
-logs, the least recently used *idle* ones (:attr:`ConversationLog.idle`: no request or
-reply pins it, no event stream follows it, nothing queued) are closed. What a clean close
+logs (or past ``max_memory`` bytes of tails and folded views), the least recently used
+*idle* ones (:attr:`ConversationLog.idle`: no request or reply pins it, no event stream
+follows it, nothing queued) are closed. What a clean close
 leaves (:meth:`ConversationLog.known`) lets the next open of the unchanged file skip
 recovery, and lets :meth:`Store.list` list it without opening it. When the process runs
 out of descriptors anyway (``EMFILE``), the store closes every idle log and tries once
@@ -52,6 +53,7 @@ from .recovery import FileKey, Known
 __all__ = [
     "CONVERSATION_ID",
     "DESCRIPTOR_ERRNOS",
+    "MAX_MEMORY",
     "MAX_OPEN_LOGS",
     "ConversationInfo",
     "Store",
@@ -66,6 +68,9 @@ SUFFIX: Final = ".jsonl"
 
 MAX_OPEN_LOGS: Final = 256
 """Default bound on open logs (two file descriptors each) of one store."""
+
+MAX_MEMORY: Final = 256 << 20
+"""Default bound, in bytes, on what the open logs of one store hold in memory."""
 
 DESCRIPTOR_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE})
 """``errno`` values that mean no file descriptor is left (this process's, the system's)."""
@@ -108,6 +113,8 @@ class Store:
     :param file_io: the system-call layer (tests pass a fault-injecting subclass).
     :param max_open: open logs beyond which idle ones are closed, least recently used
         first (the module's docstring); at least 1.
+    :param max_memory: bytes of memory (tails and folded views,
+        :attr:`ConversationLog.memory`) beyond which idle logs are closed the same way.
     :raises DataDirLockedError: another process (a second server) holds the data dir.
     :raises ForeignFileError: ``conversations/`` is a symbolic link or not ours.
     """
@@ -119,6 +126,7 @@ class Store:
         durability: Durability = Durability.FSYNC,
         file_io: FileIO | None = None,
         max_open: int = MAX_OPEN_LOGS,
+        max_memory: int = MAX_MEMORY,
     ) -> None:
         if max_open < 1:
             raise ValueError("max_open must be at least 1")
@@ -129,6 +137,7 @@ class Store:
         self.commit = GroupCommit(durability=self.durability, file_io=self.file_io)
         """The group commit every log of the store shares."""
         self.max_open = max_open
+        self.max_memory = max_memory
         # Open logs, least recently used first.
         self._logs: collections.OrderedDict[str, ConversationLog] = collections.OrderedDict()
         self._opening: dict[str, asyncio.Task[ConversationLog]] = {}
@@ -308,15 +317,17 @@ class Store:
         opened for a caller). Synchronous: a log is out of :attr:`_logs` before anything
         can hand it out again."""
         excess = len(self._logs) - keep
-        if excess <= 0:
+        memory = sum(log.memory for log in self._logs.values())
+        if excess <= 0 and memory <= self.max_memory:
             return
         for conversation_id, log in list(self._logs.items()):
-            if excess <= 0:
+            if excess <= 0 and memory <= self.max_memory:
                 break
             if not log.idle or conversation_id == spare:
                 continue
             del self._logs[conversation_id]
             excess -= 1
+            memory -= log.memory
             task = asyncio.ensure_future(self._close_idle(conversation_id, log))
             self._evicting[conversation_id] = task
             task.add_done_callback(lambda _, c=conversation_id: self._evicting.pop(c, None))
