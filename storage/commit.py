@@ -342,10 +342,12 @@ class GroupCommit:
             if written:
                 for k, error in await asyncio.to_thread(self._sync, written):
                     errors[k] = error
-        else:
-            for k, writer in enumerate(batches):
-                if errors[k] is None:
-                    errors[k] = _removed(writer._fd)
+        # On the loop, not on the sync's thread: there, one GIL-releasing call per log
+        # would wait for the busy loop to hand the GIL back each time (bench P2 at 1,000
+        # replies fell from 20,000 to 3,600 chunks/s).
+        for k, writer in enumerate(batches):
+            if errors[k] is None:
+                errors[k] = _removed(writer._fd)
         failed = []
         for writer, error in zip(batches, errors, strict=True):
             if error is None:
@@ -366,8 +368,7 @@ class GroupCommit:
         """On a worker thread: make the written logs durable.
 
         :param written: ``(batch index, fd, st_dev)`` per written log.
-        :returns: ``(batch index, error)`` for each log whose sync failed, or whose file
-            is no longer in the data dir (:func:`_removed`).
+        :returns: ``(batch index, error)`` for each log whose sync failed.
         """
         devices: dict[int, list[tuple[int, int]]] = {}
         for k, fd, device in written:
@@ -390,10 +391,6 @@ class GroupCommit:
                     self.file_io.fdatasync(fd)
                 except OSError as exc:
                     errors.append((k, exc))
-        failed = {k for k, _ in errors}
-        for k, fd, _ in written:
-            if k not in failed and (error := _removed(fd)) is not None:
-                errors.append((k, error))
         return errors
 
 

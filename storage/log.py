@@ -48,14 +48,17 @@ from .errors import (
     OffsetRangeError,
 )
 from .fold import Folded, Summary
-from .recovery import FileKey, Known, create_file, open_file
+from .recovery import FileKey, Known, create_file, open_file, reopen_file
 
-__all__ = ["READ_BLOCK", "TAIL_BYTES", "ConversationLog", "Listener", "LogState"]
+__all__ = ["READ_BLOCK", "SMALL_LOG", "TAIL_BYTES", "ConversationLog", "Listener", "LogState"]
 
 logger = logging.getLogger(__name__)
 
 READ_BLOCK = 256 * 1024
 """Bytes read from the file per call when a reader is behind the in-memory tail."""
+SMALL_LOG = 256 * 1024
+"""Bytes up to which a log's first fold reads and folds it on the event loop: a worker
+thread would cost more (each of its system calls waits for a busy loop's GIL)."""
 TAIL_BYTES = 512 * 1024
 """Committed bytes kept in memory for readers at the live edge (amortized, up to 2x)."""
 
@@ -174,9 +177,11 @@ class ConversationLog:
             be made durable: the disk lost some of them.
         """
         durable = commit.durability is Durability.FSYNC
-        opened = await asyncio.to_thread(
-            open_file, path, file_io=commit.file_io, durable=durable, known=known
-        )
+        opened = reopen_file(path, known) if known is not None else None  # on the loop
+        if opened is None:
+            opened = await asyncio.to_thread(
+                open_file, path, file_io=commit.file_io, durable=durable
+            )
         log = cls(
             path,
             read_fd=opened.read_fd,
@@ -417,8 +422,12 @@ class ConversationLog:
 
     async def _build_view(self) -> Folded:
         folded = Folded()
-        end = self._committed
-        if end > 0:  # on a thread: a long log never holds the event loop
+        end = 0 if self._tail_start == 0 else self._committed  # all in memory: no read
+        if 0 < end <= SMALL_LOG:  # one pread of the page cache, on the loop
+            if self._read_fd < 0:
+                raise LogClosedError("log is closed")
+            _fold_file(self._file_io, self._read_fd, end, folded)
+        elif end > 0:  # on a thread: a long log never holds the event loop
             if self._read_fd < 0:
                 raise LogClosedError("log is closed")
             pending = asyncio.get_running_loop().run_in_executor(

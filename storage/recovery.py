@@ -26,6 +26,7 @@ each) needs appends, so :meth:`storage.log.ConversationLog.open` does it after t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -51,6 +52,7 @@ __all__ = [
     "keep_aside",
     "open_file",
     "open_own",
+    "reopen_file",
     "scan",
 ]
 
@@ -271,7 +273,7 @@ class Opened:
     read_only_reason: str | None
 
 
-def open_file(path: Path, *, file_io: FileIO, durable: bool, known: Known | None = None) -> Opened:
+def open_file(path: Path, *, file_io: FileIO, durable: bool) -> Opened:
     """Open an existing log for writing and recover it (blocking).
 
     Only a regular file of ours is opened (:func:`open_own`). Takes the writer lock
@@ -282,10 +284,8 @@ def open_file(path: Path, *, file_io: FileIO, durable: bool, known: Known | None
     ``fdatasync``ed before anything can show them: their last writer may have died before
     its sync, and the disk may have lost them since.
 
-    When ``known`` (what this process's last clean close of the log left) still matches
-    the file, the scan and the sync are skipped: the bytes are the ones this process
-    committed. A file that can be read and not written (a read-only mount, permissions)
-    opens read-only, with nothing cut or synced: its valid prefix is served.
+    A file that can be read and not written (a read-only mount, permissions) opens
+    read-only, with nothing cut or synced: its valid prefix is served.
 
     :raises FileNotFoundError: no such log (or one whose create never completed).
     :raises ForeignFileError: the path is not a regular file of ours.
@@ -304,9 +304,6 @@ def open_file(path: Path, *, file_io: FileIO, durable: bool, known: Known | None
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             reason = "another process holds this log"
-        if reason is None and known is not None and FileKey.of(os.fstat(fd)) == known.key:
-            found = Scan(end=known.key.size, size=known.key.size, summary=known.summary)
-            return Opened(fd, _reader_of(path, fd), found, None)
         with os.fdopen(os.dup(fd), "rb") as stream:  # the file we checked, not the path
             stream.seek(0)
             found = scan(stream)
@@ -332,6 +329,40 @@ def open_file(path: Path, *, file_io: FileIO, durable: bool, known: Known | None
         os.close(fd)  # releases the lock, if this process took it
         return Opened(None, read_fd, found, reason)
     return Opened(fd, read_fd, found, None)
+
+
+def reopen_file(path: Path, known: Known) -> Opened | None:
+    """Open a log this process closed cleanly, if it is still exactly as it was left
+    (``known``): no scan, no sync, no cut, just the opens, the lock and two ``fstat``s,
+    quick enough for the event loop (a worker thread would wait for the busy loop's GIL
+    after each of these calls). ``None`` when the file changed, another process holds it,
+    or it cannot be written: then :func:`open_file` recovers it.
+
+    :raises FileNotFoundError: no such log.
+    :raises ForeignFileError: the path is not a regular file of ours.
+    :raises OSError: the opens failed (e.g. no file descriptor left).
+    """
+    try:
+        fd = open_own(path, os.O_RDWR | os.O_APPEND)
+    except OSError as exc:
+        if exc.errno in READ_ONLY_ERRNOS:
+            return None
+        raise
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        if FileKey.of(os.fstat(fd)) != known.key:
+            os.close(fd)  # releases the lock: open_file takes it again
+            return None
+        found = Scan(end=known.key.size, size=known.key.size, summary=known.summary)
+        return Opened(fd, _reader_of(path, fd), found, None)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
 
 
 def _corrupt(path: Path, found: Scan) -> str:

@@ -72,6 +72,10 @@ MAX_OPEN_LOGS: Final = 256
 MAX_MEMORY: Final = 256 << 20
 """Default bound, in bytes, on what the open logs of one store hold in memory."""
 
+SCAN_PAUSE_S: Final = 0.1
+"""Seconds after a search for idle logs that found none before the next one (see
+:meth:`Store._evict`)."""
+
 DESCRIPTOR_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE})
 """``errno`` values that mean no file descriptor is left (this process's, the system's)."""
 
@@ -143,6 +147,8 @@ class Store:
         self._opening: dict[str, asyncio.Task[ConversationLog]] = {}
         self._evicting: dict[str, asyncio.Task[None]] = {}  # idle logs being closed
         self._known: dict[str, Known] = {}  # what clean closes left
+        self._fresh: dict[str, ConversationLog] = {}  # opened, callers not resumed yet
+        self._next_scan = 0.0  # loop time before which _evict does not scan again
         self._closing: asyncio.Task[None] | None = None  # set by the first close()
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.directory.mkdir(mode=0o700, exist_ok=True)
@@ -195,7 +201,7 @@ class Store:
         task = asyncio.ensure_future(self._create(conversation_id, first))
         self._opening[conversation_id] = task
         task.add_done_callback(lambda _: self._opening.pop(conversation_id, None))
-        return await asyncio.shield(task)
+        return await self._await_open(conversation_id, task)
 
     async def _create(self, conversation_id: str, first: records.Record) -> ConversationLog:
         path = self.path(conversation_id)
@@ -232,7 +238,7 @@ class Store:
                 task = asyncio.ensure_future(self._open(conversation_id, path))
                 self._opening[conversation_id] = task
                 task.add_done_callback(lambda _: self._opening.pop(conversation_id, None))
-            log = await asyncio.shield(task)
+            log = await self._await_open(conversation_id, task)
             if self._logs.get(conversation_id) is log:
                 return log
             # Closed as idle by another open before this caller resumed: open it again.
@@ -307,30 +313,70 @@ class Store:
         return len(self._logs)
 
     def _add(self, conversation_id: str, log: ConversationLog) -> None:
+        """Put a log just opened or created in :attr:`_logs`, pinned for its callers
+        (:meth:`_hand_over` unpins it once the first of them resumed and pinned it
+        for itself): concurrent opens would otherwise close each other's new, still
+        idle logs over and over."""
+        log.pin()
+        self._fresh[conversation_id] = log
         self._logs[conversation_id] = log
         self._logs.move_to_end(conversation_id)
-        self._evict(self.max_open, spare=conversation_id)
+        self._evict(self.max_open)
 
-    def _evict(self, keep: int, *, spare: str | None = None) -> None:
+    def _hand_over(self, conversation_id: str, task: asyncio.Task[ConversationLog]) -> None:
+        """The open (or create) ``task`` is over and a caller resumed (or was cancelled):
+        drop the pin :meth:`_add` took for its callers, once."""
+        if task.cancelled() or task.exception() is not None:
+            return
+        log = task.result()
+        if self._fresh.get(conversation_id) is log:
+            del self._fresh[conversation_id]
+            log.unpin()
+
+    async def _await_open(
+        self, conversation_id: str, task: asyncio.Task[ConversationLog]
+    ) -> ConversationLog:
+        try:
+            log = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda done: self._hand_over(conversation_id, done))
+            raise
+        self._hand_over(conversation_id, task)
+        return log
+
+    def _evict(self, keep: int, *, emergency: bool = False) -> None:
         """Start closing idle logs, least recently used first, until at most ``keep``
-        stay open (fewer idle ones: as many as there are), never ``spare`` (the log just
-        opened for a caller). Synchronous: a log is out of :attr:`_logs` before anything
-        can hand it out again."""
+        stay open and their memory is within ``max_memory`` (fewer idle ones: as many as
+        there are). Synchronous: a log is out of :attr:`_logs` before anything can hand
+        it out again.
+
+        A search that found nothing to close is not repeated for :data:`SCAN_PAUSE_S`
+        (unless ``emergency``): with every log in use (1,000 replies at once, say), each
+        open would otherwise walk all of them; meanwhile the bound is exceeded, as it is
+        anyway while every log is in use.
+        """
+        now = asyncio.get_running_loop().time()
+        if not emergency and now < self._next_scan:
+            return
         excess = len(self._logs) - keep
-        memory = sum(log.memory for log in self._logs.values())
+        memory = sum(log.memory for log in self._logs.values()) if excess <= 0 else 0
         if excess <= 0 and memory <= self.max_memory:
             return
+        closed = 0
         for conversation_id, log in list(self._logs.items()):
             if excess <= 0 and memory <= self.max_memory:
                 break
-            if not log.idle or conversation_id == spare:
+            if not log.idle:
                 continue
             del self._logs[conversation_id]
             excess -= 1
             memory -= log.memory
+            closed += 1
             task = asyncio.ensure_future(self._close_idle(conversation_id, log))
             self._evicting[conversation_id] = task
             task.add_done_callback(lambda _, c=conversation_id: self._evicting.pop(c, None))
+        if not closed and not emergency:
+            self._next_scan = now + SCAN_PAUSE_S
 
     async def _close_idle(self, conversation_id: str, log: ConversationLog) -> None:
         try:
@@ -355,7 +401,7 @@ class Store:
             logger.warning(
                 "out of file descriptors with %d logs open; closing the idle ones", len(self._logs)
             )
-            self._evict(0)
+            self._evict(0, emergency=True)
             await asyncio.gather(*self._evicting.values(), return_exceptions=True)
             return await attempt()
 
