@@ -404,7 +404,8 @@ class ConversationLog:
         returns, never a re-read of the log.
 
         Built on first use: the committed bytes are read and folded on a worker thread
-        (a long log never holds the event loop), then what committed meanwhile is folded
+        (a long log never holds the event loop; one of at most :data:`SMALL_LOG` bytes,
+        or one wholly in memory, on the loop), then what committed meanwhile is folded
         from memory. Concurrent callers share one build. Do not modify what it returns.
 
         :raises LogClosedError: the log closed before the view was built.

@@ -312,6 +312,11 @@ class Store:
         """Logs open now (each holds two file descriptors)."""
         return len(self._logs)
 
+    @property
+    def memory(self) -> int:
+        """Bytes (roughly) the open logs hold: tails and folded views."""
+        return sum(log.memory for log in self._logs.values())
+
     def _add(self, conversation_id: str, log: ConversationLog) -> None:
         """Put a log just opened or created in :attr:`_logs`, pinned for its callers
         (:meth:`_hand_over` unpins it once the first of them resumed and pinned it

@@ -155,3 +155,29 @@ async def test_the_paging_route_refuses_bad_queries(make_client):
         response = await client.get(f"/api/conversations/{cid}?{query}")
         assert response.status == 400, query
         assert (await response.json())["error"] == code
+
+
+async def test_folded_views_of_idle_logs_stay_within_the_memory_bound(tmp_path):
+    """However many conversations are read, idle logs close once the tails and views
+    of the open ones pass ``max_memory``; a closed one reopens and folds again."""
+    from chatledger.storage import Store
+
+    store = Store(tmp_path, durability=Durability.FLUSH, max_open=1000, max_memory=1 << 20)
+    try:
+        for k in range(40):
+            log = await store.create(title="t", model="m", system=None, conversation_id=f"c{k}")
+            await log.append(records.user(message_id="u", text=f"{k} " + "x" * 100_000))
+        for k in range(40):
+            log = await store.open(f"c{k}")
+            log.pin()
+            view = await log.view()
+            assert view.page(1)[0][0]["text"].startswith(f"{k} ")
+            log.unpin()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert store.memory <= (1 << 20) + 2 * 100_000 * 2
+        assert store.open_logs < 40
+        first = await store.open("c0")
+        assert (await first.view()).page(1)[0][0]["text"].startswith("0 ")
+    finally:
+        await store.close()
