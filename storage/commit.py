@@ -224,7 +224,11 @@ class LogWriter:
                 "%s: cut %d uncommitted bytes back to offset %d", self.path, len(extra), self._end
             )
         except OSError as exc:
-            logger.error("%s: could not cut uncommitted bytes (recovery will): %s", self.path, exc)
+            logger.error(
+                "%s: could not cut uncommitted bytes; a restart will see them as records: %s",
+                self.path,
+                exc,
+            )
 
 
 class GroupCommit:

@@ -48,7 +48,7 @@ from .errors import (
     OffsetRangeError,
 )
 from .fold import Folded, Summary
-from .recovery import FileKey, Known, create_file, open_file, reopen_file
+from .recovery import HELD_ELSEWHERE, FileKey, Known, create_file, open_file, reopen_file
 
 __all__ = ["READ_BLOCK", "SMALL_LOG", "TAIL_BYTES", "ConversationLog", "Listener", "LogState"]
 
@@ -247,13 +247,16 @@ class ConversationLog:
 
     @property
     def idle(self) -> bool:
-        """Whether closing the log now would cut nothing short: open, with no pin, no
-        listener (an event stream), nothing queued or being written, no read in flight."""
+        """Whether closing the log now would cut nothing short: open and not failed, with
+        no pin, no listener (an event stream), nothing queued or being written, no read in
+        flight."""
         return (
             self._pins == 0
             and not self._listeners
             and not self._reads
-            and self._state in (LogState.WRITABLE, LogState.READ_ONLY, LogState.FAILED)
+            # Not FAILED: closed and reopened, it would take appends again in this
+            # process, past a failed sync whose error the new fd would never report.
+            and self._state in (LogState.WRITABLE, LogState.READ_ONLY)
             and (self._writer is None or not self._writer.busy)
         )
 
@@ -514,13 +517,18 @@ class ConversationLog:
     # -- closing ------------------------------------------------------------------------
 
     def known(self) -> Known | None:
-        """After a clean close (the log was writable to the end), what a later
-        :meth:`open` needs to skip recovery, if the file is still exactly as this log
-        left it; else ``None``."""
-        key = self._closed_key
-        if key is None or self._failure is not None or self._read_only_reason is not None:
+        """After the log closed, what lets the store list it without opening it while
+        its file is unchanged, and (a clean close of a writable log) reopen it with no
+        recovery scan; ``None`` after a failure, or for a log another process holds
+        (that may change at any moment)."""
+        key, reason = self._closed_key, self._read_only_reason
+        if key is None or self._failure is not None or reason == HELD_ELSEWHERE:
             return None
-        return Known(key, self.summary) if key.size == self._committed else None
+        if reason is not None:  # corrupt, or a read-only data dir: the same until changed
+            return Known(key, self.summary, self._committed, writable=False)
+        if key.size != self._committed:
+            return None
+        return Known(key, self.summary, self._committed, writable=True)
 
     async def close(self) -> None:
         """Commit what is queued, stop appends, end followers, release the lock.

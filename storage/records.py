@@ -113,14 +113,26 @@ def user(*, message_id: str, text: str) -> Record:
     return {"type": "user", "ts": now_ms(), "id": message_id, "text": text}
 
 
-def start(*, reply_id: str, reply_to: str, model: str) -> Record:
-    """An assistant reply begins."""
+def start(
+    *,
+    reply_id: str,
+    reply_to: str,
+    model: str,
+    context: int | None = None,
+    prompt_tokens: int | None = None,
+) -> Record:
+    """An assistant reply begins. ``context`` is the offset of the first record whose
+    text the prompt used (past the system text, always used), ``prompt_tokens`` the
+    prompt's size in tokens as counted; both ``None`` when no prompt was built (the reply
+    was stopped first, or its message does not fit the model's context)."""
     return {
         "type": "start",
         "ts": now_ms(),
         "id": reply_id,
         "reply_to": reply_to,
         "model": model,
+        "context": context,
+        "prompt_tokens": prompt_tokens,
     }
 
 

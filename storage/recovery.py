@@ -32,6 +32,7 @@ import fcntl
 import logging
 import os
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -42,6 +43,8 @@ from .fold import Summary
 from .records import RecordError, decode, now_ms
 
 __all__ = [
+    "HELD_ELSEWHERE",
+    "LOCK_TRIES",
     "READ_ONLY_ERRNOS",
     "FileKey",
     "Known",
@@ -239,20 +242,27 @@ class FileKey:
     inode: int
     size: int
     mtime_ns: int
+    ctime_ns: int
+    """``st_ctime_ns``: unlike the mtime, no ``utime()`` can set it back. (A change within
+    one tick of the file system's clock, with the same size, still goes unseen.)"""
 
     @classmethod
     def of(cls, info: os.stat_result) -> FileKey:
-        return cls(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+        return cls(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 @dataclass(frozen=True, slots=True)
 class Known:
-    """What a clean close left of a log, so the next open of the same, unchanged file
-    needs no recovery scan: its :class:`FileKey` then, and the :class:`Summary` of its
-    records (all of them committed: ``key.size`` is the committed offset)."""
+    """What a close left of a log, so that while the file is unchanged it can be listed
+    without opening it and, when it was writable, reopened with no recovery scan: its
+    :class:`FileKey` then, the :class:`Summary` of its committed records, its committed
+    offset (``end``; short of ``key.size`` when a corrupt or read-only log has bytes it
+    does not serve), and whether it was writable (then ``end == key.size``)."""
 
     key: FileKey
     summary: Summary
+    end: int
+    writable: bool
 
 
 @dataclass(frozen=True)
@@ -299,11 +309,7 @@ def open_file(path: Path, *, file_io: FileIO, durable: bool) -> Opened:
         return _open_read_only(path, "the data dir is read-only")
     read_fd = -1
     try:
-        reason = None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            reason = "another process holds this log"
+        reason = None if _lock(fd) else HELD_ELSEWHERE
         with os.fdopen(os.dup(fd), "rb") as stream:  # the file we checked, not the path
             stream.seek(0)
             found = scan(stream)
@@ -331,17 +337,41 @@ def open_file(path: Path, *, file_io: FileIO, durable: bool) -> Opened:
     return Opened(fd, read_fd, found, None)
 
 
+HELD_ELSEWHERE = "another process holds this log"
+"""The read-only reason of a log whose ``flock`` another process holds."""
+
+LOCK_TRIES = 20
+"""Tries (5 ms apart) to take a log's ``flock`` before it counts as held elsewhere: the
+data dir's lock already keeps a second server out, so a per-log conflict is almost always
+``chatledger verify`` reading it for a moment."""
+
+
+def _lock(fd: int) -> bool:
+    """Take the writer's ``flock(LOCK_EX | LOCK_NB)`` on ``fd``, trying :data:`LOCK_TRIES`
+    times (blocking: a worker thread's call); whether it was taken."""
+    for attempt in range(LOCK_TRIES):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt + 1 < LOCK_TRIES:
+                time.sleep(0.005)
+    return False
+
+
 def reopen_file(path: Path, known: Known) -> Opened | None:
     """Open a log this process closed cleanly, if it is still exactly as it was left
     (``known``): no scan, no sync, no cut, just the opens, the lock and two ``fstat``s,
     quick enough for the event loop (a worker thread would wait for the busy loop's GIL
     after each of these calls). ``None`` when the file changed, another process holds it,
-    or it cannot be written: then :func:`open_file` recovers it.
+    or it cannot be written, or was not writable: then :func:`open_file` recovers it.
 
     :raises FileNotFoundError: no such log.
     :raises ForeignFileError: the path is not a regular file of ours.
     :raises OSError: the opens failed (e.g. no file descriptor left).
     """
+    if not known.writable:
+        return None
     try:
         fd = open_own(path, os.O_RDWR | os.O_APPEND)
     except OSError as exc:
@@ -350,14 +380,14 @@ def reopen_file(path: Path, known: Known) -> Opened | None:
         raise
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # once: this runs on the loop
         except BlockingIOError:
             os.close(fd)
             return None
         if FileKey.of(os.fstat(fd)) != known.key:
             os.close(fd)  # releases the lock: open_file takes it again
             return None
-        found = Scan(end=known.key.size, size=known.key.size, summary=known.summary)
+        found = Scan(end=known.end, size=known.key.size, summary=known.summary)
         return Opened(fd, _reader_of(path, fd), found, None)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -403,7 +433,8 @@ def create_file(path: Path, data: bytes, *, file_io: FileIO) -> tuple[int, int]:
     """
     fd = open_own(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not _lock(fd):
+            raise BlockingIOError(errno.EWOULDBLOCK, HELD_ELSEWHERE, str(path))
         file_io.write_all(fd, data)
         file_io.fdatasync(fd)
         file_io.fsync_dir(path.parent)

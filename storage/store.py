@@ -201,7 +201,10 @@ class Store:
         task = asyncio.ensure_future(self._create(conversation_id, first))
         self._opening[conversation_id] = task
         task.add_done_callback(lambda _: self._opening.pop(conversation_id, None))
-        return await self._await_open(conversation_id, task)
+        log = await self._await_open(conversation_id, task)
+        if self._logs.get(conversation_id) is not log:  # closed before this caller resumed
+            return await self.open(conversation_id)
+        return log
 
     async def _create(self, conversation_id: str, first: records.Record) -> ConversationLog:
         path = self.path(conversation_id)
@@ -267,12 +270,16 @@ class Store:
                 opened += 1
         return opened
 
-    async def _try_open(self, conversation_id: str) -> ConversationLog | None:
+    async def _try_open(
+        self, conversation_id: str, *, busy_raises: bool = False
+    ) -> ConversationLog | None:
         try:
             return await self.open(conversation_id)
         except (OSError, LogError) as exc:
             if isinstance(exc, LogClosedError):
                 raise
+            if busy_raises and isinstance(exc, OSError) and exc.errno in DESCRIPTOR_ERRNOS:
+                raise  # a list that silently left conversations out would look like loss
             logger.error("conversation %s cannot be opened: %s", conversation_id, exc)
             return None
 
@@ -282,6 +289,9 @@ class Store:
         Open logs are listed from memory, closed ones from what their last clean close
         left while their file is unchanged (one ``lstat`` each); any other is opened (and
         so recovered) first. A log that cannot be opened is logged and left out.
+
+        :raises OSError: no file descriptor is left (:data:`DESCRIPTOR_ERRNOS`) to open a
+            log: a partial list would look like lost conversations.
         """
         rows = []
         for conversation_id, info in self._entries():
@@ -290,8 +300,8 @@ class Store:
             if log is not None:
                 rows.append(_row(conversation_id, log.summary, log.committed))
             elif known is not None and info is not None and FileKey.of(info) == known.key:
-                rows.append(_row(conversation_id, known.summary, known.key.size))
-            elif (log := await self._try_open(conversation_id)) is not None:
+                rows.append(_row(conversation_id, known.summary, known.end))
+            elif (log := await self._try_open(conversation_id, busy_raises=True)) is not None:
                 rows.append(_row(conversation_id, log.summary, log.committed))
         rows.sort(key=lambda row: (row.updated, row.id), reverse=True)
         return rows
@@ -456,13 +466,16 @@ def _lock_data_dir(data_dir: Path, *, read_only: bool) -> int:
     path = data_dir / LOCK_NAME
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (0 if read_only else os.O_CREAT)
     try:
-        fd = os.open(path, flags, 0o600)
+        fd = os.open(path, flags | os.O_NONBLOCK, 0o600)  # never blocks on a FIFO
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise ForeignFileError(path, f"{LOCK_NAME} is a symbolic link") from None
         if read_only and exc.errno == errno.ENOENT:
             return -1
         raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ForeignFileError(path, f"{LOCK_NAME} is not a regular file")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -478,8 +491,9 @@ def _lock_data_dir(data_dir: Path, *, read_only: bool) -> int:
 
 def _check_directory(directory: Path) -> None:
     """``conversations/`` and the data dir holding it must be directories of ours that no
-    other user may write to: whoever can rename entries there could swap a directory for
-    a symbolic link after this check (``O_NOFOLLOW`` guards only a path's last part)."""
+    other user (nor our group) may write to: whoever can rename entries there could swap
+    a directory for a symbolic link after this check (``O_NOFOLLOW`` guards only a path's
+    last part)."""
     for path, name, info in (
         (directory.parent, "the data dir", os.stat(directory.parent)),
         (directory, "conversations/", os.lstat(directory)),
@@ -490,3 +504,5 @@ def _check_directory(directory: Path) -> None:
             raise ForeignFileError(path, f"{name} is owned by another user")
         if info.st_mode & stat.S_IWOTH:
             raise ForeignFileError(path, f"{name} is writable by every user")
+        if info.st_mode & stat.S_IWGRP:
+            raise ForeignFileError(path, f"{name} is writable by its group (chmod g-w)")

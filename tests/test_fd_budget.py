@@ -17,8 +17,16 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from chatledger.storage import ConversationLog, Durability, Store, records, recovery
+from chatledger.storage import (
+    ConversationLog,
+    Durability,
+    LogFailedError,
+    Store,
+    records,
+    recovery,
+)
 
+from .conftest import FaultyIO
 from .server_process import serve
 
 
@@ -326,5 +334,43 @@ async def test_concurrent_opens_do_not_close_each_others_new_logs(tmp_path, monk
         assert len(opens) <= len(ids)  # no log opened twice
         for log in logs:
             log.unpin()
+    finally:
+        await store.close()
+
+
+async def test_a_failed_log_is_never_closed_as_idle_and_reopened_writable(tmp_path):
+    """A log whose sync failed stays failed in this process: closed as idle and reopened,
+    a new fd's ``fdatasync`` would not report the error the old one consumed."""
+    io = FaultyIO()
+    store = Store(tmp_path, durability=Durability.FSYNC, file_io=io, max_open=1)
+    try:
+        victim = await store.create(title="t", model="m", system=None, conversation_id="v")
+        io.target = "v.jsonl"
+        io.arm("sync")
+        with pytest.raises(LogFailedError):
+            await victim.append(records.user(message_id="lost", text="never committed"))
+        io.disarm()
+        await create(store, 3)  # over max_open: idle logs close, the failed one does not
+        await settle(store)
+        again = await store.open("v")
+        assert again is victim and not again.live
+        with pytest.raises(LogFailedError):
+            await again.append(records.user(message_id="later", text="refused"))
+    finally:
+        await store.close()
+
+
+async def test_a_same_size_edit_with_its_mtime_put_back_is_seen(tmp_path):
+    store = Store(tmp_path, durability=Durability.FLUSH, max_open=1)
+    try:
+        await store.create(title="AAAA", model="m", system=None, conversation_id="a")
+        await create(store, 2)
+        await settle(store)
+        path = tmp_path / "conversations" / "a.jsonl"
+        before = path.stat()
+        path.write_bytes(path.read_bytes().replace(b"AAAA", b"ZZZZ"))
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        titles = {row.id: row.title for row in await store.list()}
+        assert titles["a"] == "ZZZZ"  # the ctime changed: listed from the file again
     finally:
         await store.close()
