@@ -350,6 +350,7 @@ async def test_a_failed_log_is_never_closed_as_idle_and_reopened_writable(tmp_pa
         with pytest.raises(LogFailedError):
             await victim.append(records.user(message_id="lost", text="never committed"))
         io.disarm()
+        await asyncio.sleep(0.3)  # the failed pass is over, and so is any scan pause
         await create(store, 3)  # over max_open: idle logs close, the failed one does not
         await settle(store)
         again = await store.open("v")
