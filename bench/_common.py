@@ -358,3 +358,65 @@ def summarize_profile(path: Path, top: int = 15) -> dict[str, list[tuple[str, fl
         return [(name, round(100 * n / total, 1)) for name, n in rows]
 
     return {"self": ranked(selfs), "inclusive": ranked(incl), "samples": total}
+
+
+# -- logs written before a server starts -------------------------------------------------------
+
+
+def write_conversation(
+    directory: Path,
+    *,
+    chunks_per_reply: int,
+    megabytes: float | None = None,
+    replies: int | None = None,
+    chunk_text: str = " word",
+) -> tuple[str, int]:
+    """Write one conversation log straight into ``directory`` (``conversations/``) with
+    ``storage.records``: replies of ``chunks_per_reply`` chunks each (``user``, ``start``,
+    chunks, ``end``), until the log reaches ``megabytes`` MB or has ``replies`` replies;
+    fsynced. Returns (conversation id, size in bytes)."""
+    from chatledger.storage import new_id, records
+
+    conversation_id = new_id()
+    directory.mkdir(parents=True, exist_ok=True)
+    target = int(megabytes * 1_000_000) if megabytes is not None else None
+    first = records.conversation(
+        conversation_id=conversation_id, title="long", model="demo", system="Be brief."
+    )
+    size = 0
+    with open(directory / f"{conversation_id}.jsonl", "wb") as out:
+        buffer = [records.encode(first)]
+        n = 0
+        while (target is None or size < target) and (replies is None or n < replies):
+            message = records.user(message_id=new_id(), text=f"question {n}: tell me more")
+            reply_id = new_id()
+            buffer.append(records.encode(message))
+            buffer.append(
+                records.encode(
+                    records.start(reply_id=reply_id, reply_to=message["id"], model="demo")
+                )
+            )
+            for i in range(chunks_per_reply):
+                buffer.append(
+                    records.encode(records.chunk(reply_id=reply_id, i=i, text=chunk_text))
+                )
+                if len(buffer) > 20000:
+                    data = b"".join(buffer)
+                    out.write(data)
+                    size += len(data)
+                    buffer = []
+            buffer.append(records.encode(records.end(reply_id=reply_id, finish="stop")))
+            n += 1
+            data = b"".join(buffer)
+            out.write(data)
+            size += len(data)
+            buffer = []
+        out.flush()
+        os.fsync(out.fileno())
+    return conversation_id, size
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds the process ``pid`` has used (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

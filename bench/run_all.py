@@ -1,11 +1,11 @@
-"""Run the four benchmarks (P1-P4) one after another with modest defaults and print the
+"""Run the benchmarks (P1-P4, P6) one after another with modest defaults and print the
 figures each one reports. Each script writes ``bench/results/<name>.json`` and ``.png``.
 
 Usage::
 
     python bench/run_all.py [--quick]
 
-The default takes about 2 minutes on 2 cores; ``--quick`` uses smaller sizes (a smoke
+The default takes about 3 minutes on 2 cores; ``--quick`` uses smaller sizes (a smoke
 run of under a minute). Exits 1 if a script fails (a missed target is not a failure: each
 script prints MET or MISSED per target).
 """
@@ -25,6 +25,7 @@ RUNS = {
     "p2_many_replies": (["--rounds", "3", "--profile"], ["--rounds", "1", "--tokens", "60"]),
     "p3_resume": (["--rounds", "20"], ["--rounds", "5", "--mb", "20"]),
     "p4_idle": (["--rounds", "1"], ["--rounds", "1", "--connections", "2000"]),
+    "p6_open": (["--rounds", "15"], ["--rounds", "3", "--mb", "20"]),  # about 35 s
 }
 
 

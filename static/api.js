@@ -62,13 +62,23 @@ export function createConversation(fields = {}) {
 }
 
 /**
- * One conversation, folded by the server.
+ * A page of one conversation, folded by the server: its newest `limit` messages of the
+ * current path (before the message `before`, when given), oldest first.
  * @param {string} id
- * @returns {Promise<{messages: object[], offset: number, running: string|null,
- *   writable: boolean}>} `offset` in bytes: where the fold stopped
+ * @param {{limit?: number, before?: string}} [options] `limit` 1..500 (the server's
+ *   default: 50); `before` a message id
+ * @returns {Promise<{id: string, title: string, model: string, system: string|null,
+ *   messages: object[], more: boolean, offset: number, running: string|null,
+ *   writable: boolean}>} `more`: older messages exist before the first one; `offset` in
+ *   bytes: the committed offset the page reflects (open the event stream there)
+ * @throws {ApiError} 400 for a `before` that is no message of the conversation
  */
-export function getConversation(id) {
-  return request("GET", conversationPath(id));
+export function getPage(id, { limit, before } = {}) {
+  const query = new URLSearchParams();
+  if (limit !== undefined) query.set("limit", String(limit));
+  if (before !== undefined) query.set("before", before);
+  const search = query.toString();
+  return request("GET", search ? `${conversationPath(id)}?${search}` : conversationPath(id));
 }
 
 /**

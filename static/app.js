@@ -2,11 +2,17 @@
 // the server only through api.js (HTTP) and live.js (the event stream), folds what the
 // stream carries with fold.js, and shows it with view.js.
 //
+// A conversation opens at its tail (DESIGN.md "The page"): the newest PAGE messages from
+// `GET /api/conversations/{id}?limit=PAGE`, then the event stream from the offset that
+// page reflects, folded onto it; older pages load as the list is scrolled to its top
+// (scrollback.js). The cost of opening does not grow with the log.
+//
 //   #/c/<conversation id>   that conversation      anything else   just the list
 
 import * as api from "./api.js";
-import { applyRecord, emptyView, RECORD_TYPES, runningReply } from "./fold.js";
-import { follow } from "./live.js";
+import { applyRecord, prependMessages, RECORD_TYPES, runningReply, viewFrom } from "./fold.js";
+import { follow, RESTART_DELAY_MS } from "./live.js";
+import { watchTop } from "./scrollback.js";
 import { createMessageList, renderControls, renderList, showConnection, showError } from "./view.js";
 
 const $ = (id) => document.getElementById(id);
@@ -17,7 +23,15 @@ const ui = {
 };
 const messageList = createMessageList(ui.messages);
 
-/** The open conversation: { id, view (fold.js), stream (live.js), failed } or null. */
+/** Messages per page: the first one shown, and each older one loaded on scrolling up. */
+const PAGE = 50;
+
+/**
+ * The open conversation, or null: { id, view (fold.js; null until its first page came),
+ * shownFrom (view.messages from this index on are on the page), more (the server has
+ * messages older than view.messages[0]), stream (live.js), scrollback (scrollback.js),
+ * retry (a timer), failed }.
+ */
 let current = null;
 
 async function refreshList() {
@@ -34,16 +48,49 @@ async function refreshList() {
 // -- one conversation ----------------------------------------------------------------
 
 function open(id) {
-  if (current) current.stream.close();
+  if (current) leave(current);
   showError(ui.error, "");
-  const conversation = { id, view: emptyView(), stream: null, failed: false };
+  const conversation = {
+    id, view: null, shownFrom: 0, more: false, stream: null, scrollback: null, retry: null,
+    failed: false,
+  };
   current = conversation;
   messageList.clear();
   ui.title.textContent = "…";
-  // The whole log, folded from offset 0; EventSource resumes with Last-Event-ID itself.
+  refreshList();
+  begin(conversation);
+}
+
+function leave(conversation) {
+  clearTimeout(conversation.retry);
+  conversation.scrollback?.stop();
+  conversation.stream?.close();
+}
+
+// The newest page, then the event stream from the offset it reflects. A page that cannot
+// be had for now (no connection, a 5xx) is asked for again; a 4xx (an unknown
+// conversation) is said and left.
+async function begin(conversation) {
+  const { id } = conversation;
+  showConnection(ui.connection, "connecting", "connecting…");
+  let page;
+  try {
+    page = await api.getPage(id, { limit: PAGE });
+  } catch (error) {
+    if (conversation !== current) return;
+    showError(ui.error, `Could not open this conversation: ${error.message}`);
+    showConnection(ui.connection, "lost", "connection lost");
+    if (error.status === undefined || error.status >= 500) {
+      conversation.retry = setTimeout(() => begin(conversation), RESTART_DELAY_MS);
+    }
+    return;
+  }
+  if (conversation !== current) return;
+  showError(ui.error, "");
+  showPage(conversation, page);
   conversation.stream = follow({
     url: (from) => api.eventsUrl(id, from),
-    from: 0,
+    from: page.offset,
     types: RECORD_TYPES,
     onState: (state, label) => showConnection(ui.connection, state, label),
     onRecord: (record, offset) => {
@@ -51,14 +98,85 @@ function open(id) {
       render(conversation, changed);
       if (record.type === "title" || (record.type === "end" && changed)) refreshList();
     },
-    onRestart: () => {
-      conversation.view = emptyView();
-      messageList.clear();
+    // The server refused the stream (e.g. 416: the log is not the one this view came
+    // from): start over from a new page, and reopen where that page stands.
+    restart: async () => {
+      const fresh = await api.getPage(id, { limit: PAGE });
+      if (conversation === current) showPage(conversation, fresh);
+      return fresh.offset;
     },
     waiting: () => !conversation.failed && runningReply(conversation.view) !== null,
     onStall: () => checkStalled(conversation),
   });
-  refreshList();
+}
+
+// Show a page as the whole view (what was shown before is dropped), scrolled to the
+// newest message, and watch the top for older messages while there are any.
+function showPage(conversation, page) {
+  conversation.scrollback?.stop();
+  conversation.scrollback = null;
+  const view = viewFrom(page);
+  conversation.view = view;
+  conversation.more = page.more;
+  // Only the newest messages of the page are rendered at first, about a screen's worth
+  // and more (see RENDER_CHARS): the rest come from the view as the list is scrolled up.
+  conversation.shownFrom = batchStart(view.messages, view.messages.length);
+  // A reply with no `end` that no task runs in a log that can no longer be written: the
+  // server could not save the rest of it (checkStalled finds the same while it streams).
+  const unfinished = runningReply(view) !== null;
+  const failed = unfinished && page.writable === false && page.running == null;
+  conversation.failed = failed;
+  const older = conversation.shownFrom > 0 || page.more;
+  messageList.show(view, { from: conversation.shownFrom, failed, more: older });
+  renderControls(ui, view, { running: unfinished && !failed, failed });
+  if (failed) showFailed();
+  if (older) {
+    const load = () => loadOlder(conversation, view);
+    conversation.scrollback = watchTop(ui.messages, messageList.top, load);
+  }
+}
+
+/** Text rendered at a time, in characters: more than any screen shows of it. */
+const RENDER_CHARS = 20000;
+
+// Where the next batch to render begins, going back from `end` (exclusive): at most a
+// PAGE of messages and about RENDER_CHARS of text, at least one message.
+function batchStart(messages, end) {
+  let start = end;
+  let chars = 0;
+  while (start > 0 && end - start < PAGE && chars < RENDER_CHARS) {
+    start -= 1;
+    chars += messages[start].text?.length ?? 0;
+  }
+  return start;
+}
+
+// The next older messages, put above the oldest one shown: those of the view not shown
+// yet, else the page before the oldest (fetched into the view first). Resolves to
+// whether still older messages exist; false as well once the view it was for is gone.
+async function loadOlder(conversation, view) {
+  if (conversation.shownFrom === 0) {
+    const oldest = view.messages[0];
+    if (!oldest || !conversation.more) return false;
+    let page;
+    try {
+      page = await api.getPage(conversation.id, { limit: PAGE, before: oldest.id });
+    } catch (error) {
+      if (error.status === undefined || error.status >= 500) throw error; // tried again
+      page = { messages: [], more: false }; // e.g. 400: `before` is no longer on the path
+    }
+    if (conversation !== current || conversation.view !== view) return false;
+    const added = prependMessages(view, page.messages);
+    conversation.shownFrom += added.length;
+    conversation.more = page.more && added.length > 0;
+  }
+  const end = conversation.shownFrom;
+  const start = batchStart(view.messages, end);
+  conversation.shownFrom = start;
+  const left = start > 0 || conversation.more;
+  const older = view.messages.slice(start, end);
+  messageList.prepend(view, older, { failed: conversation.failed, more: left });
+  return left;
 }
 
 function render(conversation, changed) {
@@ -72,13 +190,17 @@ function render(conversation, changed) {
 async function checkStalled(conversation) {
   let body;
   try {
-    body = await api.getConversation(conversation.id);
+    body = await api.getPage(conversation.id, { limit: 1 });
   } catch {
     return; // the connection state already tells the person the server is unreachable
   }
   if (conversation !== current || body.running !== null || body.writable !== false) return;
   conversation.failed = true;
   render(conversation, runningReply(conversation.view));
+  showFailed();
+}
+
+function showFailed() {
   showError(
     ui.error,
     "This conversation can no longer be saved (the server could not write to its disk). " +

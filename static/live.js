@@ -1,8 +1,9 @@
 // Following one conversation's event stream (DESIGN.md "SSE stream"): EventSource, its
-// reconnects, a restart from 0 when the server refuses the stream, and a watchdog for a
-// reply that goes quiet. No DOM: connection states go to a callback.
+// reconnects, a restart (the caller rebuilds its view and says where to reopen) when the
+// server refuses the stream, and a watchdog for a reply that goes quiet. No DOM:
+// connection states go to a callback.
 
-/** How long to wait before reopening a refused stream from offset 0, in ms. */
+/** How long to wait before restarting a refused stream (and between failed tries), in ms. */
 export const RESTART_DELAY_MS = 3000;
 /** How often the watchdog looks, and how long without an event counts as a stall, in ms. */
 export const WATCH_EVERY_MS = 5000;
@@ -13,10 +14,13 @@ export const STALL_AFTER_MS = 10000;
  *
  * Each event is one log record: `event.data` is the record's JSON line, `event.lastEventId`
  * the byte offset just after it. After a dropped connection EventSource resumes by itself
- * with `Last-Event-ID`, so records arrive with no gap and no duplicate. When the server
- * refuses the stream (the EventSource closes: e.g. 404, or 416 for an offset it does not
- * have), `onRestart` is called after RESTART_DELAY_MS and the stream reopens from 0: the
- * caller must drop what it folded so far.
+ * with `Last-Event-ID`, so records arrive with no gap and no duplicate (before the first
+ * event it reconnects to the URL it opened, i.e. at `from`). When the server refuses the
+ * stream (the EventSource closes: e.g. 404, or 416 for an offset it does not have),
+ * `restart` is called after RESTART_DELAY_MS: the caller drops what it folded, rebuilds
+ * its view (say, from a new page of the conversation) and gives the offset that view
+ * reflects, where the stream reopens. A `restart` that fails is tried again after
+ * RESTART_DELAY_MS.
  *
  * @param {object} options
  * @param {(from: number) => string} options.url the events URL starting at a byte offset
@@ -25,14 +29,15 @@ export const STALL_AFTER_MS = 10000;
  * @param {(record: object, offset: number) => void} options.onRecord each record, in order
  * @param {(state: "connecting"|"live"|"reconnecting"|"lost", label: string) => void}
  *   options.onState the connection state, with a label for people
- * @param {() => void} options.onRestart the stream is about to restart from offset 0
+ * @param {() => (number|Promise<number>)} options.restart the stream was refused: rebuild
+ *   the view and return (or resolve to) the offset to reopen at
  * @param {() => boolean} [options.waiting] whether an event is due now (a reply runs)
  * @param {() => void} [options.onStall] every WATCH_EVERY_MS while `waiting()` and no
  *   event came for STALL_AFTER_MS
  * @returns {{close: () => void}} stop following: closes the stream and the watchdog
  */
 export function follow(options) {
-  const { url, types, onRecord, onState, onRestart } = options;
+  const { url, types, onRecord, onState, restart } = options;
   const waiting = options.waiting ?? (() => false);
   const onStall = options.onStall ?? (() => {});
   let source = null;
@@ -54,11 +59,7 @@ export function follow(options) {
         return;
       }
       onState("lost", "connection lost"); // CLOSED: the server refused the stream
-      restartTimer = setTimeout(() => {
-        if (closed) return;
-        onRestart();
-        connect(0);
-      }, RESTART_DELAY_MS);
+      scheduleRestart();
     };
     const onEvent = (event) => {
       if (closed || opened !== source) return;
@@ -66,6 +67,20 @@ export function follow(options) {
       onRecord(JSON.parse(event.data), Number(event.lastEventId));
     };
     for (const type of types) opened.addEventListener(type, onEvent);
+  }
+
+  function scheduleRestart() {
+    restartTimer = setTimeout(async () => {
+      if (closed) return;
+      let from;
+      try {
+        from = await restart();
+      } catch {
+        if (!closed) scheduleRestart(); // the state stays "lost" until a stream opens
+        return;
+      }
+      if (!closed) connect(from);
+    }, RESTART_DELAY_MS);
   }
 
   const watchdog = setInterval(() => {

@@ -18,53 +18,108 @@ import { isOpen } from "./fold.js";
 
 /**
  * The message list of one conversation, rendered incrementally into `container`.
- * @param {HTMLElement} container the #messages element
- * @returns {{render: (view: object, changed: object|null, state?: {failed?: boolean}) => void,
- *   clear: () => void}} `render` shows the message a record changed (`changed`, from
- *   fold.js applyRecord), keeping the list scrolled to the bottom if it was there; `clear`
- *   empties the list (a new conversation, or the view rebuilt from offset 0)
+ *
+ * Its first child is `top`, a line above the oldest message shown ("older messages…"),
+ * visible while older messages are still to be loaded: scrollback.js watches it, and
+ * `prepend` puts the older messages between it and the rest.
+ * @param {HTMLElement} container the #messages element (the scrolling box)
+ * @returns {{top: HTMLElement, show: (view: object, state?: object) => void,
+ *   render: (view: object, changed: object|null, state?: {failed?: boolean}) => void,
+ *   prepend: (view: object, older: object[], state?: object) => void,
+ *   clear: () => void}} (`state`: {from?: number, failed?: boolean, more?: boolean})
+ *   `show` replaces the list with the messages of a view from index `from` on (a page
+ *   just opened) and scrolls to the newest; `render` shows the message a record changed
+ *   (`changed`, from fold.js applyRecord), keeping the list scrolled to the bottom if it
+ *   was there; `prepend` puts older messages of the view above the others without moving
+ *   what is on screen; `more` says whether `top` stays; `clear` empties the list
  */
 export function createMessageList(container) {
   /** @type {Map<string, Entry>} */
   const entries = new Map();
+  const top = document.createElement("div");
+  top.className = "older";
+  top.textContent = "older messages…";
+  top.hidden = true;
+  /** While changes of this frame are rendered: whether the list is to stay at the bottom. */
+  let stick = null;
 
-  function entryFor(message) {
-    let entry = entries.get(message.id);
-    if (!entry) {
-      const node = document.createElement("article");
-      node.dataset.id = message.id;
-      const body = document.createElement("div");
-      body.className = "text";
-      const text = document.createTextNode("");
-      body.append(text);
-      const meta = document.createElement("span");
-      meta.className = "meta";
-      node.append(body, meta);
-      container.append(node);
-      entry = { node, body, meta, text, message, shown: 0 };
-      entries.set(message.id, entry);
-    }
+  function build(message) {
+    const node = document.createElement("article");
+    node.dataset.id = message.id;
+    const body = document.createElement("div");
+    body.className = "text";
+    const text = document.createTextNode("");
+    body.append(text);
+    const meta = document.createElement("span");
+    meta.className = "meta";
+    node.append(body, meta);
+    const entry = { node, body, meta, text, message, shown: 0 };
+    entries.set(message.id, entry);
     return entry;
   }
 
-  function update(view, message, failed) {
-    const entry = entryFor(message);
+  function update(view, entry, message, failed) {
     renderText(entry, message);
     renderStatus(entry, message, isOpen(view, message.id), failed);
   }
 
+  function clear() {
+    entries.clear();
+    top.hidden = true;
+    container.replaceChildren(top);
+  }
+
   return {
+    top,
+    show(view, { from = 0, failed = false, more = false } = {}) {
+      clear();
+      const fragment = document.createDocumentFragment();
+      for (const message of view.messages.slice(from)) {
+        if (entries.has(message.id)) continue;
+        const entry = build(message);
+        update(view, entry, message, failed);
+        fragment.append(entry.node);
+      }
+      container.append(fragment);
+      top.hidden = !more;
+      container.scrollTop = container.scrollHeight;
+    },
     render(view, changed, { failed = false } = {}) {
       if (!changed) return;
-      const nearBottom =
-        container.scrollHeight - container.scrollTop - container.clientHeight < 80;
-      update(view, changed, failed);
-      if (nearBottom) container.scrollTop = container.scrollHeight;
+      // Whether the list was at the bottom is read once per frame, before the frame's
+      // first change, and the list follows the bottom once, in the next frame: a burst of
+      // records (a stream catching up) costs one layout a frame, not one per record.
+      if (stick === null) {
+        stick = container.scrollHeight - container.scrollTop - container.clientHeight < 80;
+        requestAnimationFrame(() => {
+          if (stick) container.scrollTop = container.scrollHeight;
+          stick = null;
+        });
+      }
+      let entry = entries.get(changed.id);
+      if (!entry) {
+        entry = build(changed);
+        container.append(entry.node);
+      }
+      update(view, entry, changed, failed);
     },
-    clear() {
-      entries.clear();
-      container.replaceChildren();
+    prepend(view, older, { failed = false, more = false } = {}) {
+      // What is on screen stays put: the list grows above it by exactly the height added
+      // (style.css turns the browser's own scroll anchoring off for #messages).
+      const height = container.scrollHeight;
+      const scrolled = container.scrollTop;
+      const fragment = document.createDocumentFragment();
+      for (const message of older) {
+        if (entries.has(message.id)) continue;
+        const entry = build(message);
+        update(view, entry, message, failed);
+        fragment.append(entry.node);
+      }
+      top.after(fragment);
+      top.hidden = !more;
+      container.scrollTop = scrolled + (container.scrollHeight - height);
     },
+    clear,
   };
 }
 

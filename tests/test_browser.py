@@ -70,7 +70,7 @@ def test_send_stream_reload_mid_reply_and_reconnect(browser, tmp_path):
             ".textContent.split(' ').length >= 8"
         )
         seen_before_reload = reply.locator(".text").text_content()
-        page.reload()  # mid-reply: the page folds the log from the start again
+        page.reload()  # mid-reply: the text so far from the page, the rest from events
         reply = page.locator(".message.assistant").last
         expect(reply).to_have_attribute("data-finish", "stop", timeout=30_000)
         full = reply.locator(".text").text_content()
@@ -207,7 +207,11 @@ def test_a_reply_whose_log_cannot_be_written_says_so(browser, tmp_path):
 
     asked = []
 
-    def conversation(route):
+    def conversation(route):  # the page opens at offset 0; later questions: disk fault
+        if "limit=50" in route.request.url:
+            page = {"id": "c1", "title": "Disk", "messages": [], "more": False, "offset": 0}
+            route.fulfill(json={**page, "running": "r1", "writable": True})
+            return
         asked.append(route.request.url)
         route.fulfill(json={"id": "c1", "running": None, "writable": False, "offset": 400})
 
@@ -215,7 +219,7 @@ def test_a_reply_whose_log_cannot_be_written_says_so(browser, tmp_path):
         page = browser.new_page()
         page.clock.install()
         page.route("**/api/conversations/c1/events?*", events)
-        page.route("**/api/conversations/c1", conversation)
+        page.route("**/api/conversations/c1?*", conversation)
         page.goto(server.url + "/#/c/c1")
         reply = page.locator(".message.assistant")
         expect(reply).to_have_class("message assistant generating")
