@@ -48,7 +48,9 @@ def build_provider(settings: Settings) -> Provider:
         from .providers.demo import DemoProvider
 
         return DemoProvider(
-            tokens_per_s=settings.demo_tokens_per_s, reply_tokens=settings.demo_reply_tokens
+            tokens_per_s=settings.demo_tokens_per_s,
+            reply_tokens=settings.demo_reply_tokens,
+            context_tokens=settings.context_tokens,
         )
     if settings.llm == "openai":
         from .providers.chat_completions import OpenAIProvider
@@ -57,6 +59,7 @@ def build_provider(settings: Settings) -> Provider:
             base_url=settings.base_url,
             model=settings.model or "gpt-4o-mini",
             max_tokens=settings.max_reply_tokens,
+            context_tokens=settings.context_tokens,
         )
     if settings.llm == "local":
         from .providers.local import LocalProvider
@@ -65,6 +68,7 @@ def build_provider(settings: Settings) -> Provider:
             model_path=settings.model_path,
             log_path=settings.data_dir / "local-model.log",
             max_tokens=settings.max_reply_tokens,
+            context_tokens=settings.context_tokens,
         )
     raise ValueError(f"unknown --llm {settings.llm!r}: demo, openai or local")
 

@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     line = (
         f"chatledger {__version__} serving http://{host}:{settings.port}/ "
         f"data dir {settings.data_dir.resolve()} | llm {provider.name} ({provider.model}) "
-        f"| durability {settings.durability.value}"
+        f"| window {provider.context_tokens} tokens | durability {settings.durability.value}"
     )
     _tune_gc()
     web.run_app(

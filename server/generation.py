@@ -2,9 +2,10 @@
 
 A reply runs as an asyncio task owned by :class:`Replies`, not by any HTTP connection: a
 browser that leaves does not stop it. One reply runs per conversation at a time. The
-task appends ``start``, builds the prompt from the log, streams from the provider and
-appends one ``chunk`` per provider delta with text, each committed before any reader can
-see it, then one ``end``:
+task builds the prompt from the open log's fold, within the provider's context window
+(:func:`server.context.fit`), appends ``start`` (with ``context``, where the prompt
+began, and ``prompt_tokens``), streams from the provider and appends one ``chunk`` per
+provider delta with text, each committed before any reader can see it, then one ``end``:
 
 ========================  ===========================================================
 how the reply ended       ``end.finish``
@@ -13,6 +14,8 @@ provider finished         ``stop`` or ``length`` (its ``finish_reason``)
 ``POST .../stop``         ``cancelled``
 server shutdown           ``interrupted``
 provider failed           ``error`` with the provider's sentence in ``error``
+no prompt fits            ``error``: "the message is too long for the model's context
+                          window (N tokens)"
 an append failed          the provider stream is closed at its next delta; ``end`` with
                           ``error`` is appended only if the log can still be written
 ========================  ===========================================================
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..storage import ConversationLog, LogClosedError, LogError, new_id, records
-from ..storage.fold import messages, prompt
+from . import context
 from .providers import Delta, Provider, ProviderError
 from .text import has_visible
 
@@ -177,8 +180,10 @@ class Replies:
         reply.begun = True
         model = log.summary.model or self.provider.model
         try:
-            self._begin(log, reply, message_id, model)
-            stream = self.provider.stream(await self._prompt(log), model=model)
+            fitted = await self._begin(log, reply, message_id, model)
+            stream = self.provider.stream(
+                fitted.messages, model=model, max_tokens=fitted.max_tokens
+            )
             await self._stream_chunks(log, reply, stream)
         except asyncio.CancelledError:
             reply.finish = reply.finish_on_cancel
@@ -198,25 +203,59 @@ class Replies:
             self._running.pop(conversation_id, None)
             log.unpin()
 
-    def _begin(self, log: ConversationLog, reply: _Reply, message_id: str, model: str) -> None:
-        """Queue the ``start`` record, not awaited: it commits before any chunk, and the
-        prompt is built from committed records, where the message already is (an
-        unfinished reply is left out of it anyway).
+    async def _begin(
+        self, log: ConversationLog, reply: _Reply, message_id: str, model: str
+    ) -> context.Fitted:
+        """Build the prompt, then queue the ``start`` record that says where it began and
+        its tokens; not awaited: it commits before any chunk. A reply whose prompt was not
+        built (stopped before or meanwhile, no prompt fits, tokens not countable) gets its
+        ``start`` all the same, with ``context`` and ``prompt_tokens`` null, so that its
+        ``end`` follows a ``start`` as every reply's does.
 
-        :raises asyncio.CancelledError: the reply was stopped before it began.
+        :raises asyncio.CancelledError: the reply was stopped before its prompt was built.
+        :raises ProviderError: no prompt fits the window, or counting failed.
         :raises storage.LogError: the log takes no appends.
         """
-        log.append_nowait(records.start(reply_id=reply.reply_id, reply_to=message_id, model=model))
-        if reply.stop_requested:
-            raise asyncio.CancelledError
+        try:
+            if reply.stop_requested:
+                raise asyncio.CancelledError
+            fitted = await self._prompt(log)
+        except BaseException:
+            with contextlib.suppress(LogError):  # then the end cannot be appended either
+                log.append_nowait(
+                    records.start(reply_id=reply.reply_id, reply_to=message_id, model=model)
+                )
+            raise
+        log.append_nowait(
+            records.start(
+                reply_id=reply.reply_id,
+                reply_to=message_id,
+                model=model,
+                context=fitted.context,
+                prompt_tokens=fitted.prompt_tokens,
+            )
+        )
+        return fitted
 
-    async def _prompt(self, log: ConversationLog) -> list[dict[str, str]]:
-        """The Chat Completions ``messages`` of the next reply, from the committed log.
+    async def _prompt(self, log: ConversationLog) -> context.Fitted:
+        """The prompt of the next reply: the system text and the newest turns of the
+        open log's fold (``log.view()``, kept up to date as records commit; the message
+        being answered is committed) that fit the provider's window with its reply budget.
+        Never re-reads the log once its view is built.
 
-        :raises storage.LogClosedError: the log closed and its records are not in memory.
+        :raises ProviderError: no prompt fits, or the provider could not count tokens.
+        :raises storage.LogClosedError: the log closed before its view was built.
         """
-        history = messages(records.decode_all(await log.read()))
-        return prompt(log.summary.system, history)
+        view = await log.view()
+        provider = self.provider
+        return await context.fit(
+            log.summary.system,
+            view.turns_newest_first(),
+            window=provider.context_tokens,
+            reply_budget=provider.max_reply_tokens,
+            overhead=provider.prompt_overhead_tokens,
+            count=provider.count_tokens,
+        )
 
     async def _stream_chunks(
         self, log: ConversationLog, reply: _Reply, stream: AsyncIterator[Delta]

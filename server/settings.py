@@ -179,6 +179,15 @@ class Settings:
         default=1024,
         metadata=_flag("cap on a reply's length in tokens for --llm openai/local", parse=int),
     )
+    context_tokens: int | None = field(
+        default=None,
+        metadata=_flag(
+            "the model's context window in tokens (prompt plus reply); none: the provider's"
+            " own (local: the GGUF's trained context, at most 8192; openai: 8192; demo:"
+            " 8192 plus its reply)",
+            parse=at_least(64, int),
+        ),
+    )
     demo_tokens_per_s: float = field(
         default=30.0,
         metadata=_flag(

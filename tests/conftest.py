@@ -172,6 +172,7 @@ def make_client(aiohttp_client, data_dir: Path):
             provider = DemoProvider(
                 tokens_per_s=settings.demo_tokens_per_s,
                 reply_tokens=settings.demo_reply_tokens,
+                context_tokens=settings.context_tokens,
             )
         app = init_app(settings, file_io=file_io, provider=provider)
         return await aiohttp_client(TestServer(app, host="127.0.0.1"))

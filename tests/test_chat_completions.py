@@ -54,10 +54,22 @@ SCENARIOS = {
     "length": [chunk("a"), chunk(None, "length"), b"data: [DONE]\n\n"],
     "error_mid_stream": [chunk("par"), b'data: {"error": {"message": "model overloaded"}}\n\n'],
     "no_finish": [chunk("cut"), b"data: [DONE]\n\n"],
+    # llama-cpp-python's server on a prompt too long: 200, then a stream with nothing in it
+    "empty": [],
 }
 
 
 SCENARIO = web.AppKey("scenario", dict)
+
+CONTEXT_EXCEEDED = {  # what OpenAI, vLLM and llama-cpp-python answer a prompt too long
+    "error": {
+        "message": "This model's maximum context length is 1024 tokens. However, you"
+        " requested 1100 tokens (1052 in the messages, 48 in the completion).",
+        "type": "invalid_request_error",
+        "param": "messages",
+        "code": "context_length_exceeded",
+    }
+}
 
 
 @pytest.fixture
@@ -70,6 +82,8 @@ async def upstream():
         scenario = request.app[SCENARIO]["name"]
         if scenario == "http_500":
             return web.json_response({"error": {"message": "boom upstream"}}, status=500)
+        if scenario == "http_400_context" or (scenario == "empty" and not body.get("stream")):
+            return web.json_response(CONTEXT_EXCEEDED, status=400)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for part in SCENARIOS[scenario]:
@@ -121,6 +135,13 @@ async def test_ok_stream_with_null_content_and_usage_chunk(make_client, upstream
         ("error_mid_stream", "error", "model overloaded"),
         ("http_500", "error", "answered 500: boom upstream"),
         ("no_finish", "error", "ended the stream before the reply finished"),
+        (
+            "http_400_context",
+            "error",
+            "the prompt does not fit the model's context: This model's maximum context length"
+            " is 1024 tokens",
+        ),
+        ("empty", "error", "the prompt does not fit the model's context: This model's"),
     ],
 )
 async def test_failure_shapes(make_client, upstream, scenario, finish, error):

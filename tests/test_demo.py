@@ -52,4 +52,5 @@ async def test_replies_are_deterministic_and_paced():
     first, second = await asyncio.gather(reply(), reply())
     assert loop.time() - began >= 20 / 200  # paced: never faster than tokens_per_s
     assert first == second
-    assert first[1] == {"prompt_tokens": 1, "completion_tokens": 20, "total_tokens": 21}
+    # usage: the prompt as the demo counts it (overhead 32 + "hi" 1 + message 8), as fitted
+    assert first[1] == {"prompt_tokens": 41, "completion_tokens": 20, "total_tokens": 61}

@@ -15,9 +15,20 @@ import itertools
 import random
 from collections.abc import AsyncIterator
 
-from .base import Delta
+from .base import (
+    ESTIMATE_MESSAGE_TOKENS,
+    ESTIMATE_PROMPT_TOKENS,
+    Delta,
+    estimate_tokens,
+)
 
-__all__ = ["DemoProvider"]
+__all__ = ["DEMO_PROMPT_TOKENS", "DemoProvider"]
+
+DEMO_PROMPT_TOKENS = 8192
+"""Room for the prompt in the demo's window when no ``context_tokens`` is given: its
+window is this plus its reply length, so a reply is never cut by the window however long
+``--demo-reply-tokens`` is, and a prompt never grows past this however long the
+conversation is (what a real model's window does to the cost of a message)."""
 
 _WORDS = [
     "the",
@@ -144,18 +155,33 @@ class Pacer:
 class DemoProvider:
     """Deterministic made-up replies.
 
+    Its window and token counts are the ``openai`` provider's estimate
+    (:func:`~server.providers.base.estimate_tokens`), so prompts are fitted in every test
+    and benchmark as they are with a real model.
+
     :param tokens_per_s: pace of the stream; 0 yields as fast as possible.
-    :param reply_tokens: tokens per reply.
+    :param reply_tokens: tokens per reply, and the reply budget.
+    :param context_tokens: the window in tokens (``None``: :data:`DEMO_PROMPT_TOKENS`
+        plus ``reply_tokens``).
     """
 
     name = "demo"
     model = "demo"
+    prompt_overhead_tokens = ESTIMATE_PROMPT_TOKENS
 
-    def __init__(self, *, tokens_per_s: float = 30.0, reply_tokens: int = 60) -> None:
+    def __init__(
+        self,
+        *,
+        tokens_per_s: float = 30.0,
+        reply_tokens: int = 60,
+        context_tokens: int | None = None,
+    ) -> None:
         if tokens_per_s < 0 or reply_tokens < 1:
             raise ValueError("tokens_per_s must be >= 0 and reply_tokens >= 1")
         self.tokens_per_s = tokens_per_s
         self.reply_tokens = reply_tokens
+        self.max_reply_tokens = reply_tokens
+        self.context_tokens = context_tokens or DEMO_PROMPT_TOKENS + reply_tokens
         self._pacer: Pacer | None = None
 
     async def start(self) -> None:
@@ -164,11 +190,20 @@ class DemoProvider:
     async def close(self) -> None:
         return None
 
+    async def count_tokens(self, role: str, text: str) -> int:
+        """The estimate of the ``openai`` provider."""
+        return estimate_tokens(text) + ESTIMATE_MESSAGE_TOKENS
+
     async def stream(
-        self, messages: list[dict[str, str]], *, model: str = "demo"
+        self,
+        messages: list[dict[str, str]],
+        *,
+        model: str = "demo",
+        max_tokens: int | None = None,
     ) -> AsyncIterator[Delta]:
-        """Yield ``reply_tokens`` deltas, then a final one with ``finish_reason`` "stop"
-        and ``usage`` (word counts standing in for tokens)."""
+        """Yield ``reply_tokens`` deltas (at most ``max_tokens``), then a final one with
+        ``finish_reason`` "stop" ("length" when ``max_tokens`` cut it) and ``usage``
+        (the prompt's estimate; one token per delta)."""
         seed = hashlib.sha256(repr(messages).encode()).digest()
         rng = random.Random(seed)
         loop = asyncio.get_running_loop()
@@ -178,7 +213,8 @@ class DemoProvider:
         interval = 1.0 / self.tokens_per_s if self.tokens_per_s else 0.0
         due = loop.time()
         capital = True
-        for index in range(self.reply_tokens):
+        length = min(self.reply_tokens, max_tokens or self.reply_tokens)
+        for index in range(length):
             word = rng.choice(_WORDS)
             last = index == self.reply_tokens - 1
             if capital:
@@ -192,12 +228,14 @@ class DemoProvider:
             else:
                 await asyncio.sleep(0)
             yield Delta(text=token)
-        prompt_tokens = sum(len(m.get("content", "").split()) for m in messages)
+        prompt_tokens = self.prompt_overhead_tokens + sum(
+            [await self.count_tokens(m["role"], m.get("content", "")) for m in messages]
+        )
         yield Delta(
-            finish_reason="stop",
+            finish_reason="stop" if length == self.reply_tokens else "length",
             usage={
                 "prompt_tokens": prompt_tokens,
-                "completion_tokens": self.reply_tokens,
-                "total_tokens": prompt_tokens + self.reply_tokens,
+                "completion_tokens": length,
+                "total_tokens": prompt_tokens + length,
             },
         )
