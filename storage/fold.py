@@ -69,6 +69,9 @@ class Summary:
             self.open_replies.pop(record.get("id"), None)
 
 
+PACK = 256
+"""Chunks of a reply joined into one block as they are folded (see :class:`Folded`)."""
+
 Turn = tuple[int, str, str]
 """``(offset, role, text)`` of one message a prompt may use: the offset where the record
 that began it starts (a record boundary), ``"user"`` or ``"assistant"``, and its text."""
@@ -79,8 +82,9 @@ class Folded:
     :func:`messages` returns, kept up to date as records commit, so that a page of the
     newest messages or a prompt costs what it returns, not the log's length.
 
-    Linear in what it folds: a reply's chunks are kept as a list of pieces and joined
-    only when the message is read (then kept joined), never ``text += chunk`` per chunk.
+    Linear in what it folds: a reply's chunks are kept as pieces, joined :data:`PACK` at a
+    time into blocks, and the blocks joined only when the message is read (then kept
+    joined), never ``text += chunk`` per chunk.
     ``size`` counts the characters of text it holds (its memory, roughly).
     """
 
@@ -89,7 +93,9 @@ class Folded:
         self._offsets: list[int] = []  # where the record that began each message starts
         self._index: dict[str, int] = {}  # message id -> position of its first message
         self._replies: dict[str, int] = {}  # reply id -> position of its latest start
-        self._pieces: dict[int, list[str]] = {}  # reply position -> text not joined yet
+        # reply position -> its text not joined yet: blocks of PACK pieces joined, then
+        # the pieces since (one str object per chunk would cost ~50 bytes a chunk)
+        self._pieces: dict[int, tuple[list[str], list[str]]] = {}
         self.size = 0
         """Characters of message text held."""
 
@@ -123,7 +129,11 @@ class Folded:
             position = self._reply(record.get("id"))
             if position is not None:
                 text = record.get("text", "")
-                self._pieces.setdefault(position, []).append(text)
+                blocks, pending = self._pieces.setdefault(position, ([], []))
+                pending.append(text)
+                if len(pending) >= PACK:
+                    blocks.append("".join(pending))
+                    pending.clear()
                 self.size += len(text)
         elif kind == "end":
             position = self._reply(record.get("id"))
@@ -144,8 +154,9 @@ class Folded:
     def _joined(self, position: int) -> Message:
         message = self._messages[position]
         pieces = self._pieces.pop(position, None)
-        if pieces:
-            message["text"] += "".join(pieces)
+        if pieces is not None:
+            blocks, pending = pieces
+            message["text"] += "".join(blocks) + "".join(pending)
         return message
 
     def message(self, position: int) -> Message:
