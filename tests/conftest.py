@@ -1,5 +1,5 @@
-"""Shared fixtures: a real aiohttp server on loopback over a real data dir, and a
-fault-injecting :class:`FaultyIO` for the log's write path."""
+"""Shared fixtures: a real aiohttp server on loopback over a real data dir, a
+fault-injecting :class:`FaultyIO` for the log's write path, and headless Chromium."""
 
 from __future__ import annotations
 
@@ -196,3 +196,28 @@ async def wait_idle(client: TestClient, conversation_id: str, limit_s: float = 3
             return body
         assert time.monotonic() < deadline, "reply did not finish"
         await asyncio.sleep(0.02)
+
+
+CHROMIUM = "/usr/bin/chromium"
+"""Debian's Chromium, which the browser tests drive through Playwright."""
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture
+def browser():
+    """Headless :data:`CHROMIUM` through Playwright's sync API."""
+    playwright_sync = pytest.importorskip("playwright.sync_api")
+    with playwright_sync.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from .conftest import CHROMIUM, CHROMIUM_ARGS
 from .server_process import serve
-from .test_browser import ARGS, CHROMIUM
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 pytestmark = [
@@ -125,7 +125,7 @@ def browser():
     with playwright_sync.sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM,
-            args=[*ARGS, f"--host-resolver-rules=MAP {REBIND} {EVIL_HOST}"],
+            args=[*CHROMIUM_ARGS, f"--host-resolver-rules=MAP {REBIND} {EVIL_HOST}"],
         )
         yield browser
         browser.close()

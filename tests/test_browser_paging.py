@@ -22,36 +22,18 @@ import pytest
 from chatledger.storage import records
 from chatledger.storage.fold import messages
 
+from .conftest import CHROMIUM
 from .server_process import serve
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
-CHROMIUM = "/usr/bin/chromium"
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium"),
 ]
 
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 EXCHANGES = 1000  # 1,000 user messages and 1,000 finished replies: 2,000 messages
 NUMBERED = re.compile(r"^m(\d{4}) ")
-
-
-@pytest.fixture
-def browser():
-    with playwright_sync.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield browser
-        browser.close()
 
 
 def text_of(k: int) -> str:
