@@ -42,13 +42,17 @@ def test_fold_py_matches_the_fixture(case):
     assert summary.records == len(case["records"])
 
 
-def test_fold_js_matches_the_fixtures():
-    """Fails (never skips) without Node.js: CI installs it (``.ci/run``)."""
+def run_node_tests(path: Path) -> tuple[set[str], str]:
+    """Run a ``node --test`` file; assert every test in it passed. Fails (never skips)
+    without Node.js: CI installs it (``.ci/run``).
+
+    :returns: the names of the tests that passed, and the whole output.
+    """
     node = shutil.which("node")
     if node is None:
         pytest.fail("Node.js is needed to test static/fold.js (Debian: apt-get install nodejs)")
     run = subprocess.run(
-        [node, "--test", "--test-reporter=tap", str(NODE_TEST)],
+        [node, "--test", "--test-reporter=tap", str(path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -57,8 +61,12 @@ def test_fold_js_matches_the_fixtures():
     output = run.stdout + run.stderr
     assert run.returncode == 0, output
     assert re.search(r"^# fail 0$", run.stdout, flags=re.M), output
+    return set(re.findall(r"^\s*ok \d+ - (.*)$", run.stdout, flags=re.M)), output
+
+
+def test_fold_js_matches_the_fixtures():
     # every fixture case ran as a test of its own and passed
-    passed = set(re.findall(r"^\s*ok \d+ - (.*)$", run.stdout, flags=re.M))
+    passed, output = run_node_tests(NODE_TEST)
     missing = [c["name"] for c in FIXTURES if f"fixture: {c['name']}" not in passed]
     assert not missing, output
 

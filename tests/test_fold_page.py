@@ -13,14 +13,13 @@ up brings, and the title and running reply. Python checks here that every page i
 from __future__ import annotations
 
 import json
-import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from chatledger.storage.fold import Folded, Summary, messages
+
+from .test_fold import run_node_tests
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = json.loads((ROOT / "tests" / "fold_page_fixtures.json").read_text(encoding="utf-8"))
@@ -91,21 +90,7 @@ def test_pages_and_views_are_the_python_fold(case):
 
 
 def test_fold_js_resumes_from_pages():
-    """Fails (never skips) without Node.js, as tests/test_fold.py does."""
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail("Node.js is needed to test static/fold.js (Debian: apt-get install nodejs)")
-    run = subprocess.run(
-        [node, "--test", "--test-reporter=tap", str(NODE_TEST)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    output = run.stdout + run.stderr
-    assert run.returncode == 0, output
-    assert re.search(r"^# fail 0$", run.stdout, flags=re.M), output
-    passed = set(re.findall(r"^\s*ok \d+ - (.*)$", run.stdout, flags=re.M))
+    passed, output = run_node_tests(NODE_TEST)
     missing = [c["name"] for c in FIXTURES if f"page fixture: {c['name']}" not in passed]
     assert not missing, output
     assert "every shared fixture resumes from a page at every split point" in passed, output
