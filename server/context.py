@@ -16,6 +16,10 @@ Shapes and units:
   reply follows).
 * ``count(role, text)``: tokens one message takes in a prompt, its chat-template
   overhead included (``Provider.count_tokens``); awaited.
+* ``counted``: a :class:`TokenCounts` of the conversation's turns, by offset, that fit
+  reads and fills, so the next prompt of the same conversation counts only its new
+  turns (a turn at an offset of an append-only log never changes: a user text, or a
+  reply's text once it has ended).
 
 The prompt is the system text, then the newest turns that fit with the whole reply
 budget, oldest first: ``overhead + system + turns + reply_budget <= window``. The first
@@ -29,14 +33,23 @@ below that :class:`PromptTooLongError`.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Final
 
 from ..storage.fold import Turn
 from .providers.base import ProviderError
 
-__all__ = ["MIN_REPLY_TOKENS", "Counter", "Fitted", "PromptTooLongError", "Turn", "fit"]
+__all__ = [
+    "MIN_REPLY_TOKENS",
+    "Counter",
+    "Fitted",
+    "PromptTooLongError",
+    "TokenCounts",
+    "Turn",
+    "fit",
+]
 
 MIN_REPLY_TOKENS: Final = 16
 """The shortest reply budget (tokens) ``fit`` shrinks to before it gives up: a reply
@@ -44,6 +57,37 @@ of fewer tokens is no answer."""
 
 Counter = Callable[[str, str], Awaitable[int]]
 """``await count(role, text)``: tokens that message takes in a prompt."""
+
+
+class TokenCounts:
+    """Token counts of turns already counted, least recently used dropped first: at most
+    ``limit`` entries (an entry is a key and an int, about 150 bytes: the default holds
+    some 10 MB, the windows of dozens of long conversations).
+
+    Keys are ``(conversation, offset)``: whatever names the conversation, and the turn's
+    offset in its log (:data:`Turn`); one instance per provider (counts are its own).
+    """
+
+    def __init__(self, limit: int = 65_536) -> None:
+        self.limit = limit
+        self._counts: OrderedDict[tuple[Hashable, int], int] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def get(self, key: tuple[Hashable, int]) -> int | None:
+        """The count stored under ``key``, or ``None``."""
+        count = self._counts.get(key)
+        if count is not None:
+            self._counts.move_to_end(key)
+        return count
+
+    def put(self, key: tuple[Hashable, int], count: int) -> None:
+        """Store ``count`` under ``key``, dropping the least recently used beyond ``limit``."""
+        self._counts[key] = count
+        self._counts.move_to_end(key)
+        while len(self._counts) > self.limit:
+            self._counts.popitem(last=False)
 
 
 class PromptTooLongError(ProviderError):
@@ -80,8 +124,12 @@ async def fit(
     reply_budget: int,
     overhead: int,
     count: Counter,
+    counted: TokenCounts | None = None,
+    conversation: Hashable = None,
 ) -> Fitted:
-    """The prompt for the next reply (see the module's docstring).
+    """The prompt for the next reply (see the module's docstring). With ``counted``,
+    turns are looked up there under ``(conversation, offset)`` before ``count`` is
+    awaited, and what was counted is stored.
 
     :raises PromptTooLongError: the system text with the newest turn leaves fewer than
         ``min(MIN_REPLY_TOKENS, reply_budget)`` tokens of the window.
@@ -98,7 +146,11 @@ async def fit(
     kept: list[tuple[Turn, int]] = []
     dropped = False
     for turn in turns:
-        cost = await count(turn[1], turn[2])
+        cost = counted.get((conversation, turn[0])) if counted is not None else None
+        if cost is None:
+            cost = await count(turn[1], turn[2])
+            if counted is not None:
+                counted.put((conversation, turn[0]), cost)
         if not kept:
             if used + cost + least > window:
                 raise PromptTooLongError(

@@ -91,6 +91,7 @@ class Replies:
 
     def __init__(self, provider: Provider) -> None:
         self.provider = provider
+        self._counted = context.TokenCounts()  # the turns' tokens, by (conversation, offset)
         self._running: dict[str, _Reply] = {}
         self._closing = False
 
@@ -180,7 +181,7 @@ class Replies:
         reply.begun = True
         model = log.summary.model or self.provider.model
         try:
-            fitted = await self._begin(log, reply, message_id, model)
+            fitted = await self._begin(conversation_id, log, reply, message_id, model)
             stream = self.provider.stream(
                 fitted.messages, model=model, max_tokens=fitted.max_tokens
             )
@@ -204,7 +205,7 @@ class Replies:
             log.unpin()
 
     async def _begin(
-        self, log: ConversationLog, reply: _Reply, message_id: str, model: str
+        self, conversation_id: str, log: ConversationLog, reply: _Reply, message_id: str, model: str
     ) -> context.Fitted:
         """Build the prompt, then queue the ``start`` record that says where it began and
         its tokens; not awaited: it commits before any chunk. A reply whose prompt was not
@@ -219,7 +220,7 @@ class Replies:
         try:
             if reply.stop_requested:
                 raise asyncio.CancelledError
-            fitted = await self._prompt(log)
+            fitted = await self._prompt(conversation_id, log)
         except BaseException:
             with contextlib.suppress(LogError):  # then the end cannot be appended either
                 log.append_nowait(
@@ -237,11 +238,12 @@ class Replies:
         )
         return fitted
 
-    async def _prompt(self, log: ConversationLog) -> context.Fitted:
+    async def _prompt(self, conversation_id: str, log: ConversationLog) -> context.Fitted:
         """The prompt of the next reply: the system text and the newest turns of the
         open log's fold (``log.view()``, kept up to date as records commit; the message
         being answered is committed) that fit the provider's window with its reply budget.
-        Never re-reads the log once its view is built.
+        Never re-reads the log once its view is built, and counts only turns not
+        counted for an earlier prompt.
 
         :raises ProviderError: no prompt fits, or the provider could not count tokens.
         :raises storage.LogClosedError: the log closed before its view was built.
@@ -255,6 +257,8 @@ class Replies:
             reply_budget=provider.max_reply_tokens,
             overhead=provider.prompt_overhead_tokens,
             count=provider.count_tokens,
+            counted=self._counted,
+            conversation=conversation_id,
         )
 
     async def _stream_chunks(

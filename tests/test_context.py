@@ -5,6 +5,7 @@ of a conversation far longer than the window through the ``demo`` provider."""
 from __future__ import annotations
 
 import asyncio
+import math
 import struct
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatledger.server.context import MIN_REPLY_TOKENS, PromptTooLongError, fit
+from chatledger.server.context import MIN_REPLY_TOKENS, PromptTooLongError, TokenCounts, fit
+from chatledger.server.providers.base import estimate_tokens
 from chatledger.server.providers.demo import DemoProvider
 from chatledger.server.providers.gguf import GGUFError, read_metadata, trained_context
 from chatledger.storage import records
@@ -173,6 +175,53 @@ def test_fit_is_the_longest_suffix_that_fits(costs, system, window, budget, over
         assert misfit or older % 2 == 1  # or it was a reply, left out so a user's leads
     # lazy: nothing older than the first misfit was counted
     assert len(seen) <= (1 if system_text else 0) + len(used) + 2
+
+
+async def test_a_second_prompt_counts_only_the_new_turns():
+    """With ``counted``, a turn counted once is never counted again (its text at its
+    offset cannot change), and the fit is the same as without it."""
+    counted = TokenCounts()
+    texts = ["u" * 10, "a" * 10, "u" * 11]
+    kwargs = {"window": 1000, "reply_budget": 20, "overhead": 2}
+    seen: list[str] = []
+    first = await fit(
+        None, turns_of(texts), **kwargs, count=counter({}, seen), counted=counted, conversation="c"
+    )
+    assert len(seen) == 3 and len(counted) == 3
+    seen.clear()
+    texts += ["a" * 12, "u" * 13]
+    second = await fit(
+        None, turns_of(texts), **kwargs, count=counter({}, seen), counted=counted, conversation="c"
+    )
+    assert seen == ["u" * 13, "a" * 12]  # the two new turns, newest first
+    plain = await fit(None, turns_of(texts), **kwargs, count=counter({}))
+    assert second == plain and first.prompt_tokens < second.prompt_tokens
+    seen.clear()  # another conversation's turns at the same offsets are its own
+    await fit(
+        None, turns_of(texts), **kwargs, count=counter({}, seen), counted=counted, conversation="d"
+    )
+    assert len(seen) == 5
+
+
+def test_token_counts_drop_the_least_recently_used():
+    counted = TokenCounts(limit=2)
+    counted.put(("c", 1), 10)
+    counted.put(("c", 2), 20)
+    assert counted.get(("c", 1)) == 10  # now the most recently used
+    counted.put(("c", 3), 30)
+    assert counted.get(("c", 2)) is None and counted.get(("c", 1)) == 10 and len(counted) == 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_the_estimate_is_its_documented_formula(text):
+    """``estimate_tokens`` counts in one pass over the UTF-8 bytes what the docstring
+    says, character by character: a third per ASCII character, 2/3 more per digit, one
+    per 1.5 bytes of any other character."""
+    ascii_chars = sum(1 for ch in text if ord(ch) < 128)
+    digits = sum(1 for ch in text if ch in "0123456789")
+    other = sum(len(ch.encode("utf-8", "surrogatepass")) for ch in text if ord(ch) >= 128)
+    assert estimate_tokens(text) == math.ceil(ascii_chars / 3 + digits * 2 / 3 + other / 1.5)
 
 
 # -- the GGUF header ------------------------------------------------------------------
