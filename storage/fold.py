@@ -35,6 +35,9 @@ class Summary:
     """
 
     conversation_id: str | None = None
+    owner: str | None = None
+    """The account id in the ``conversation`` record (``None``: single-person mode, or a
+    log written before accounts)."""
     title: str = ""
     model: str = ""
     system: str | None = None
@@ -54,6 +57,8 @@ class Summary:
             self.title = record.get("title") or ""
             self.model = record.get("model") or ""
             self.system = record.get("system")
+            owner = record.get("owner")
+            self.owner = owner if isinstance(owner, str) else None
             self.created = record["ts"]
         elif kind == "title":
             self.title = record.get("title") or ""

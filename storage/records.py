@@ -96,9 +96,17 @@ def _is_int(value: object) -> bool:
 # record is built, immediately before it is appended.
 
 
-def conversation(*, conversation_id: str, title: str, model: str, system: str | None) -> Record:
-    """First record of every log."""
-    return {
+def conversation(
+    *,
+    conversation_id: str,
+    title: str,
+    model: str,
+    system: str | None,
+    owner: str | None = None,
+) -> Record:
+    """First record of every log. ``owner`` is the account id of whoever created it
+    (absent in single-person mode, and in logs written before accounts)."""
+    record: Record = {
         "type": "conversation",
         "ts": now_ms(),
         "id": conversation_id,
@@ -106,11 +114,18 @@ def conversation(*, conversation_id: str, title: str, model: str, system: str | 
         "model": model,
         "system": system,
     }
+    if owner is not None:
+        record["owner"] = owner
+    return record
 
 
-def user(*, message_id: str, text: str) -> Record:
-    """A message a person sent."""
-    return {"type": "user", "ts": now_ms(), "id": message_id, "text": text}
+def user(*, message_id: str, text: str, by: str | None = None) -> Record:
+    """A message a person sent; ``by`` is the sender's account id (absent in
+    single-person mode)."""
+    record: Record = {"type": "user", "ts": now_ms(), "id": message_id, "text": text}
+    if by is not None:
+        record["by"] = by
+    return record
 
 
 def start(

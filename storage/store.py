@@ -48,7 +48,7 @@ from .errors import (
 )
 from .fold import Summary
 from .log import ConversationLog
-from .recovery import FileKey, Known
+from .recovery import READ_ONLY_ERRNOS, FileKey, Known
 
 __all__ = [
     "CONVERSATION_ID",
@@ -104,6 +104,8 @@ class ConversationInfo:
     created: int
     updated: int
     size: int
+    owner: str | None = None
+    """The owner's account id (:attr:`storage.fold.Summary.owner`)."""
 
 
 class Store:
@@ -131,15 +133,22 @@ class Store:
         file_io: FileIO | None = None,
         max_open: int = MAX_OPEN_LOGS,
         max_memory: int = MAX_MEMORY,
+        logs: str = "conversations",
+        _beside: Store | None = None,
     ) -> None:
         if max_open < 1:
             raise ValueError("max_open must be at least 1")
         self.data_dir = Path(data_dir)
-        self.directory = self.data_dir / "conversations"
+        self.directory = self.data_dir / logs
         self.durability = Durability(durability)
         self.file_io = file_io or FileIO()
-        self.commit = GroupCommit(durability=self.durability, file_io=self.file_io)
-        """The group commit every log of the store shares."""
+        self._beside = _beside
+        self.commit = (
+            _beside.commit
+            if _beside is not None
+            else GroupCommit(durability=self.durability, file_io=self.file_io)
+        )
+        """The group commit every log of the store shares (and of the stores beside it)."""
         self.max_open = max_open
         self.max_memory = max_memory
         # Open logs, least recently used first.
@@ -151,11 +160,38 @@ class Store:
         self._next_scan = 0.0  # loop time before which _evict does not scan again
         self._closing: asyncio.Task[None] | None = None  # set by the first close()
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.directory.mkdir(mode=0o700, exist_ok=True)
-        _check_directory(self.directory)
-        self.read_only = not os.access(self.directory, os.W_OK)
+        try:
+            self.directory.mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            # A read-only data dir without this directory yet (audit/ of an old data dir):
+            # then it has no logs, and is read-only like the rest.
+            if exc.errno not in READ_ONLY_ERRNOS or os.path.lexists(self.directory):
+                raise
+        missing = not os.path.lexists(self.directory)
+        if not missing:
+            _check_directory(self.directory)
+        self.read_only = missing or not os.access(self.directory, os.W_OK)
         """Whether the data dir cannot be written (served read-only)."""
-        self._lock_fd = _lock_data_dir(self.data_dir, read_only=self.read_only)
+        self._lock_fd = (
+            -1 if _beside is not None else _lock_data_dir(self.data_dir, read_only=self.read_only)
+        )
+
+    def beside(self, logs: str, *, max_open: int = MAX_OPEN_LOGS) -> Store:
+        """A store of other logs in this data dir, ``<data-dir>/<logs>/<id>.jsonl`` (the
+        audit logs), under this store's lock and durability, sharing its group commit.
+        Close it before this one.
+
+        :raises ForeignFileError: the directory is a symbolic link or not ours.
+        """
+        return Store(
+            self.data_dir,
+            durability=self.durability,
+            file_io=self.file_io,
+            max_open=max_open,
+            max_memory=self.max_memory,
+            logs=logs,
+            _beside=self,
+        )
 
     def path(self, conversation_id: str) -> Path:
         """The log path of a (valid) id. :raises InvalidIdError:"""
@@ -163,7 +199,9 @@ class Store:
 
     def ids(self) -> list[str]:
         """Ids of every log file in the data dir (torn-tail files and strays ignored)."""
-        out = []
+        out: list[str] = []
+        if not os.path.lexists(self.directory):
+            return out  # a read-only data dir without it
         with os.scandir(self.directory) as entries:
             for entry in entries:
                 stem = entry.name[: -len(SUFFIX)]
@@ -176,9 +214,16 @@ class Store:
         return out
 
     async def create(
-        self, *, title: str, model: str, system: str | None, conversation_id: str | None = None
+        self,
+        *,
+        title: str,
+        model: str,
+        system: str | None,
+        conversation_id: str | None = None,
+        owner: str | None = None,
     ) -> ConversationLog:
-        """Create a conversation log (durably) and return it open.
+        """Create a conversation log (durably) and return it open; ``owner`` is the
+        account id of whoever creates it (``None`` in single-person mode).
 
         :raises FileExistsError: ``conversation_id`` is taken.
         :raises OSError: the disk refused the write, or no file descriptor is left
@@ -191,8 +236,18 @@ class Store:
             raise LogReadOnlyError("the data dir is read-only")
         conversation_id = check_id(conversation_id or new_id())
         first = records.conversation(
-            conversation_id=conversation_id, title=title, model=model, system=system
+            conversation_id=conversation_id, title=title, model=model, system=system, owner=owner
         )
+        return await self.create_log(conversation_id, first)
+
+    async def create_log(self, conversation_id: str, first: records.Record) -> ConversationLog:
+        """Create a log whose first record is ``first`` (durably) and return it open:
+        :meth:`create` for a conversation; an audit log's first record for the store
+        :meth:`beside` it. Raises as :meth:`create` does."""
+        self._check_open()
+        if self.read_only:
+            raise LogReadOnlyError("the data dir is read-only")
+        check_id(conversation_id)
         if conversation_id in self._logs or conversation_id in self._opening:
             raise FileExistsError(errno.EEXIST, "the conversation exists", conversation_id)
         # Tracked like an open, shared and shielded: an open or a list during the create
@@ -439,7 +494,8 @@ class Store:
         try:
             for log in logs.values():
                 await log.close()
-            await self.commit.close()
+            if self._beside is None:
+                await self.commit.close()
         finally:
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)  # releases the data dir
@@ -457,6 +513,7 @@ def _row(conversation_id: str, summary: Summary, size: int) -> ConversationInfo:
         created=summary.created,
         updated=summary.updated,
         size=size,
+        owner=summary.owner,
     )
 
 
@@ -490,13 +547,13 @@ def _lock_data_dir(data_dir: Path, *, read_only: bool) -> int:
 
 
 def _check_directory(directory: Path) -> None:
-    """``conversations/`` and the data dir holding it must be directories of ours that no
-    other user (nor our group) may write to: whoever can rename entries there could swap
-    a directory for a symbolic link after this check (``O_NOFOLLOW`` guards only a path's
-    last part)."""
+    """The logs' directory (``conversations/``, ``audit/``) and the data dir holding it
+    must be directories of ours that no other user (nor our group) may write to: whoever
+    can rename entries there could swap a directory for a symbolic link after this check
+    (``O_NOFOLLOW`` guards only a path's last part)."""
     for path, name, info in (
         (directory.parent, "the data dir", os.stat(directory.parent)),
-        (directory, "conversations/", os.lstat(directory)),
+        (directory, f"{directory.name}/", os.lstat(directory)),
     ):
         if not stat.S_ISDIR(info.st_mode):
             raise ForeignFileError(path, f"{name} is not a directory (a symbolic link?)")
