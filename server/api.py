@@ -9,18 +9,35 @@ checked before any file is touched.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, Final
 
 import orjson
 from aiohttp import web
 
-from ..storage import ConversationLog, Store, check_id
+from ..storage import ConversationLog, LogError, Store, check_id
+from ..storage.fold import Folded
 from . import __version__, sse
-from .admission import client_of
+from .access import Access, access, guardians, owner_of
+from .budgets import BudgetExceededError
 from .errors import ApiError, during
 from .generation import NoReplyError, Replies, ReplyRunningError, Started
-from .keys import CREATE_RATE, MESSAGE_RATE, PROVIDER, REPLIES, SETTINGS, STORE, STREAM_SLOTS
+from .inputs import client_id, json_body, optional_str
+from .keys import (
+    AUDIT,
+    BUDGETS,
+    CREATE_RATE,
+    MESSAGE_RATE,
+    PROVIDER,
+    REPLIES,
+    SESSIONS,
+    SETTINGS,
+    STORE,
+    STREAM_SLOTS,
+)
+from .login import viewer_of
 from .stream import EventStream
 from .text import has_visible
 
@@ -38,49 +55,6 @@ def _json(data: Any, *, status: int = 200) -> web.Response:
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-async def _body(request: web.Request, *, required: bool = True) -> dict[str, Any]:
-    """The request's JSON object body (``{}`` when empty and not ``required``).
-
-    :raises ApiError: ``408 body_timeout`` (and the connection closes) when the body has
-        not arrived ``Settings.body_timeout`` seconds after its headers; ``400`` when it
-        is no JSON object. (aiohttp answers ``413`` past ``client_max_size``.)
-    """
-    timeout = request.app[SETTINGS].body_timeout
-    try:
-        async with asyncio.timeout(timeout):  # a body that trickles in holds a connection
-            raw = await request.read()
-    except TimeoutError:
-        raise ApiError(
-            408, "body_timeout", f"the request body took longer than {timeout:g} s", close=True
-        ) from None
-    if not raw and not required:
-        return {}
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "invalid_body", "the request body must be a JSON object")
-    return body
-
-
-def _optional_str(body: dict[str, Any], name: str, *, max_chars: int | None = None) -> str | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise ApiError(400, "invalid_field", f"'{name}' must be a string")
-    if max_chars is not None and len(value) > max_chars:
-        raise ApiError(400, "invalid_field", f"'{name}' is longer than {max_chars} characters")
-    return value
-
-
-def _client(request: web.Request) -> str:
-    """Who the request comes from, for per-client limits (:func:`server.admission.client_of`)."""
-    proxies = request.app[SETTINGS].trusted_proxies
-    return client_of(request.remote, request.headers.get("X-Forwarded-For"), proxies)
 
 
 PINNED_LOGS = web.RequestKey("pinned_logs", list)
@@ -107,9 +81,15 @@ def _model(request: web.Request, asked: str | None) -> str:
     return asked
 
 
-async def _log(request: web.Request) -> ConversationLog:
-    """The open log the request's ``conversation_id`` names, pinned until the request
-    ends (:meth:`storage.ConversationLog.pin`: the store closes only idle logs)."""
+async def _log(request: web.Request, *, write: bool = False) -> ConversationLog:
+    """The open log the request's ``conversation_id`` names, if the viewer may see it
+    (:func:`server.access.access`), pinned until the request ends
+    (:meth:`storage.ConversationLog.pin`: the store closes only idle logs).
+
+    :raises ApiError: ``404 not_found`` for a conversation the viewer may not see, the
+        very answer an unknown id gets; ``403 guardian_read_only`` when ``write`` and the
+        viewer is a guardian.
+    """
     conversation_id = check_id(request.match_info["conversation_id"])  # before any file
     with during("open"):
         log = await request.app[STORE].open(conversation_id)
@@ -118,7 +98,79 @@ async def _log(request: web.Request) -> ConversationLog:
     if pinned is None:
         pinned = request[PINNED_LOGS] = []
     pinned.append(log)
+    allowed = access(viewer_of(request), log.summary.owner, request.app[SESSIONS].state)
+    if allowed is None:
+        raise NOT_FOUND
+    request[ACCESS] = allowed
+    if write and allowed is Access.GUARDIAN:
+        raise ApiError(
+            403,
+            "guardian_read_only",
+            "a guardian may read a child's conversations, not write in them",
+        )
     return log
+
+
+ACCESS = web.RequestKey("access", Access)
+"""What the viewer may do with the conversation the request names (set by :func:`_log`)."""
+
+NOT_FOUND: Final = ApiError(404, "not_found", "no such conversation")
+"""The answer to an unknown id, and to a conversation the viewer may not see."""
+
+
+class Receipt:
+    """What one read sent: bytes ``[start, to)`` of the log, and why it ended."""
+
+    __slots__ = ("reason", "to")
+
+    def __init__(self, to: int) -> None:
+        self.to = to
+        self.reason = "end"
+
+
+@contextlib.asynccontextmanager
+async def _audited(request: web.Request, start: int) -> AsyncIterator[Receipt]:
+    """Commit an ``open`` record in the conversation's audit log (:mod:`storage.audit`)
+    before the block sends any byte of it, and a ``close`` with what it sent after.
+
+    A read-only data dir (a backup mounted read-only) has no audit log to write: its
+    owners' reads are served unrecorded, a guardian's are refused.
+
+    :raises ApiError: ``503 audit_unavailable`` when the ``open`` cannot be committed:
+        nothing is sent.
+    """
+    conversation_id = request.match_info["conversation_id"]
+    audit = request.app[AUDIT]
+    if audit.store.read_only and request.get(ACCESS) is Access.OWNER:
+        yield Receipt(start)
+        return
+    try:
+        conn = await audit.opened(
+            conversation_id,
+            viewer=viewer_of(request).id,
+            client=client_id(request),
+            start=start,
+        )
+    except (OSError, LogError) as exc:
+        logger.error("audit log of %s: cannot record a read: %s", conversation_id, exc)
+        raise ApiError(
+            503,
+            "audit_unavailable",
+            "reads of this conversation cannot be recorded now, so nothing is sent",
+        ) from None
+    receipt = Receipt(start)
+    try:
+        yield receipt
+    except BaseException:
+        receipt.reason = "failed"
+        raise
+    finally:
+        try:
+            await asyncio.shield(
+                audit.closed(conversation_id, conn, to=receipt.to, reason=receipt.reason)
+            )
+        except (OSError, LogError) as exc:
+            logger.error("audit log of %s: cannot record a close: %s", conversation_id, exc)
 
 
 @web.middleware
@@ -157,10 +209,19 @@ async def health(request: web.Request) -> web.Response:
 
 @routes.get("/api/conversations")
 async def list_conversations(request: web.Request) -> web.Response:
+    """The conversations the viewer may see, newest first: its own, and (a parent) the
+    children's, read-only (``access: "guardian"``, ``owner``: the child's name)."""
     rows = await request.app[STORE].list()
     replies = request.app[REPLIES]
-    return _json(
-        [
+    viewer = viewer_of(request)
+    state = request.app[SESSIONS].state
+    out = []
+    for r in rows:
+        allowed = access(viewer, r.owner, state)
+        if allowed is None:
+            continue
+        owner = state.accounts.get(owner_of(r.owner, state) or "")
+        out.append(
             {
                 "id": r.id,
                 "title": r.title,
@@ -168,26 +229,33 @@ async def list_conversations(request: web.Request) -> web.Response:
                 "updated": r.updated,
                 "size": r.size,
                 "running": replies.running(r.id),
+                "access": allowed.value,
+                "owner": owner.name if owner is not None else None,
             }
-            for r in rows
-        ]
-    )
+        )
+    return _json(out)
 
 
 @routes.post("/api/conversations")
 async def create_conversation(request: web.Request) -> web.Response:
-    body = await _body(request, required=False)
-    title = _optional_str(body, "title", max_chars=MAX_TITLE_CHARS) or ""
+    body = await json_body(request, required=False)
+    title = optional_str(body, "title", max_chars=MAX_TITLE_CHARS) or ""
     if title and not has_visible(title):
         raise ApiError(400, "invalid_field", "'title' has no visible character")
-    model = _model(request, _optional_str(body, "model", max_chars=200) or None)
-    system = _optional_str(body, "system", max_chars=request.app[SETTINGS].max_message_chars)
+    model = _model(request, optional_str(body, "model", max_chars=200) or None)
+    system = optional_str(body, "system", max_chars=request.app[SETTINGS].max_message_chars)
     store: Store = request.app[STORE]
+    viewer = viewer_of(request)
     # Checked before any file is made; only a create that succeeds counts.
-    async with request.app[CREATE_RATE].admit(_client(request)):
+    async with request.app[CREATE_RATE].admit(client_id(request)):
         with during("create"):
             try:
-                log = await store.create(title=title, model=model, system=system)
+                log = await store.create(
+                    title=title,
+                    model=model,
+                    system=system,
+                    owner=None if viewer.local else viewer.id,
+                )
             except OSError as exc:
                 logger.error("cannot create a conversation: %s", exc)
                 raise
@@ -210,6 +278,17 @@ async def get_conversation(request: web.Request) -> web.Response:
     before = request.query.get("before")
     log = await _log(request)
     view = await log.view()
+    if request.method == "HEAD":
+        return _page(request, log, view, limit, before)
+    async with _audited(request, 0) as receipt:  # committed before the page is made
+        response = _page(request, log, view, limit, before)
+        receipt.to = log.committed  # the page is folded from [0, offset)
+    return response
+
+
+def _page(
+    request: web.Request, log: ConversationLog, view: Folded, limit: int, before: str | None
+) -> web.Response:
     offset = log.committed  # no await since the view: the page is exactly this offset's
     try:
         page, more = view.page(limit, before)
@@ -246,8 +325,8 @@ def _limit(text: str | None) -> int:
 
 @routes.post("/api/conversations/{conversation_id}/messages")
 async def post_message(request: web.Request) -> web.StreamResponse:
-    log = await _log(request)
-    body = await _body(request)
+    log = await _log(request, write=True)
+    body = await json_body(request)
     text = body.get("text")
     if not isinstance(text, str):
         raise ApiError(400, "invalid_field", "'text' is required and must be a string")
@@ -259,17 +338,31 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     if len(text) > limit:
         raise ApiError(400, "invalid_field", f"'text' is longer than {limit} characters")
     conversation_id = request.match_info["conversation_id"]
-    replies = request.app[REPLIES]
-    client = _client(request)
+    client = client_id(request)
+    viewer = viewer_of(request)
+    by = None if viewer.local else viewer.id
+    if by is not None:
+        account = request.app[SESSIONS].account(by)
+        assert account is not None
+        try:
+            await request.app[BUDGETS].check(account)
+        except BudgetExceededError as exc:
+            raise ApiError(
+                429,
+                "budget_exceeded",
+                str(exc),
+                headers={"Retry-After": str(exc.retry_after)},
+                retry_after=exc.retry_after,
+            ) from None
     # Checked before the message is appended; only an accepted one counts (a 409 does not).
     rate = request.app[MESSAGE_RATE]
     if "text/event-stream" in request.headers.get("Accept", ""):
         with request.app[STREAM_SLOTS].hold(client):  # taken before the message is appended
             async with rate.admit(client):
-                started = await _send(replies, conversation_id, log, text)
+                started = await _send(request, conversation_id, log, text, by)
             return await _stream(request, log, started.offset, until_end_of=started.reply_id)
     async with rate.admit(client):
-        started = await _send(replies, conversation_id, log, text)
+        started = await _send(request, conversation_id, log, text, by)
     return _json(
         {
             "message_id": started.message_id,
@@ -280,9 +373,12 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     )
 
 
-async def _send(replies: Replies, conversation_id: str, log: ConversationLog, text: str) -> Started:
+async def _send(
+    request: web.Request, conversation_id: str, log: ConversationLog, text: str, by: str | None
+) -> Started:
+    replies = request.app[REPLIES]
     try:
-        return await replies.send(conversation_id, log, text)
+        started = await replies.send(conversation_id, log, text, by=by)
     except ReplyRunningError:
         raise ApiError(
             409,
@@ -290,11 +386,14 @@ async def _send(replies: Replies, conversation_id: str, log: ConversationLog, te
             "a reply is already running in this conversation",
             reply_id=replies.running(conversation_id),
         ) from None
+    if by is not None:
+        request.app[BUDGETS].count_message(by)
+    return started
 
 
 @routes.post("/api/conversations/{conversation_id}/stop")
 async def stop_reply(request: web.Request) -> web.Response:
-    log = await _log(request)
+    log = await _log(request, write=True)
     try:
         reply_id = await request.app[REPLIES].stop(request.match_info["conversation_id"])
     except NoReplyError:
@@ -313,13 +412,58 @@ async def raw_log(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     if request.method == "HEAD":
         return response  # the headers only: a HEAD response has no body
-    position = 0
-    while position < end:
-        block = await log.read(position, min(end, position + (1 << 20)))
-        await response.write(block)
-        position += len(block)
-    await response.write_eof()
+    async with _audited(request, 0) as receipt:
+        position = 0
+        while position < end:
+            block = await log.read(position, min(end, position + (1 << 20)))
+            await response.write(block)
+            position += len(block)
+            receipt.to = position
+        await response.write_eof()
     return response
+
+
+@routes.get("/api/conversations/{conversation_id}/audit")
+async def audit_of(request: web.Request) -> web.Response:
+    """Who was sent which bytes of the conversation, and when (its owner and guardians):
+    ``reads``, oldest first (``viewer`` an account id or ``local``, ``name``, ``client``,
+    ``from``/``to`` offsets, ``opened``/``closed`` ms, ``reason``), and ``readers``:
+    who else may read it (``name``, ``last_read`` ms or null)."""
+    log = await _log(request)
+    conversation_id = request.match_info["conversation_id"]
+    reads = await request.app[AUDIT].reads(conversation_id)
+    state = request.app[SESSIONS].state
+
+    def name(viewer: str) -> str | None:
+        account = state.accounts.get(viewer)
+        return account.name if account is not None else None
+
+    readers = []
+    owner = state.accounts.get(owner_of(log.summary.owner, state) or "")
+    for guardian in guardians(owner, state) if owner is not None else []:
+        times = [r.opened for r in reads if r.viewer == guardian.id]
+        readers.append(
+            {"id": guardian.id, "name": guardian.name, "last_read": max(times, default=None)}
+        )
+    return _json(
+        {
+            "reads": [
+                {
+                    "conn": r.conn,
+                    "viewer": r.viewer,
+                    "name": name(r.viewer),
+                    "client": r.client,
+                    "from": r.start,
+                    "to": r.to,
+                    "opened": r.opened,
+                    "closed": r.closed,
+                    "reason": r.reason,
+                }
+                for r in reads
+            ],
+            "readers": readers,
+        }
+    )
 
 
 @routes.get("/api/conversations/{conversation_id}/events")
@@ -329,7 +473,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         start = sse.start_offset(request.headers, request.query)
     except sse.StartOffsetError as exc:
         raise ApiError(400, "invalid_offset", str(exc)) from None
-    with request.app[STREAM_SLOTS].hold(_client(request)):
+    with request.app[STREAM_SLOTS].hold(client_id(request)):
         return await _stream(request, log, start)
 
 
@@ -349,4 +493,12 @@ async def _stream(
         retry_ms=settings.retry_ms,
         until_end_of=until_end_of,
     )
-    return await stream.run()
+    if request.method == "HEAD":
+        return await stream.run()  # headers only: nothing of the conversation is sent
+    viewer = viewer_of(request)
+    async with _audited(request, start) as receipt:
+        with request.app[SESSIONS].watch(viewer, lambda: stream.stop("session_ended")):
+            try:
+                return await stream.run()
+            finally:
+                receipt.to, receipt.reason = stream.position, stream.reason

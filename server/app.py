@@ -13,21 +13,40 @@ open event stream sends its last events and ends cleanly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import resource
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from aiohttp import web
 
-from ..storage import FileIO, Store
+from ..storage import Durability, FileIO, Store
+from ..storage.audit import AuditLogs
+from ..storage.household import Household
 from . import edge
 from .admission import ClientRate, StreamSlots
 from .api import routes, unpin_logs
+from .budgets import Budgets
 from .errors import json_errors
 from .generation import Replies
-from .keys import CREATE_RATE, MESSAGE_RATE, PROVIDER, REPLIES, SETTINGS, STORE, STREAM_SLOTS
+from .keys import (
+    AUDIT,
+    BUDGETS,
+    CREATE_RATE,
+    MESSAGE_RATE,
+    PROVIDER,
+    REPLIES,
+    SESSIONS,
+    SETTINGS,
+    STORE,
+    STREAM_SLOTS,
+)
+from .login import require_session
+from .login import routes as login_routes
 from .providers import Provider
+from .sessions import Sessions
 from .settings import Settings
 
 __all__ = ["STATIC_DIR", "build_provider", "init_app", "open_log_budget"]
@@ -74,38 +93,62 @@ def build_provider(settings: Settings) -> Provider:
 
 
 def init_app(
-    settings: Settings, *, file_io: FileIO | None = None, provider: Provider | None = None
+    settings: Settings,
+    *,
+    file_io: FileIO | None = None,
+    provider: Provider | None = None,
+    clock: Callable[[], float] = time.time,
+    audit_file_io: FileIO | None = None,
 ) -> web.Application:
     """Build the application.
 
     :param settings: configuration.
     :param file_io: system-call layer for the logs (tests inject faults here).
     :param provider: use this provider instead of building one from ``settings``.
+    :param clock: seconds since the epoch, for sessions' ages and daily budgets (tests
+        inject one).
+    :param audit_file_io: system-call layer for the audit logs (a plain one by default:
+        faults injected with ``file_io`` stay in the conversation logs).
+    :raises storage.DataDirLockedError: another server holds the data dir.
+    :raises storage.CorruptLogError: the household log is corrupt.
     """
     app = web.Application(
-        client_max_size=settings.max_body_bytes, middlewares=[json_errors, unpin_logs]
+        client_max_size=settings.max_body_bytes,
+        middlewares=[json_errors, require_session, unpin_logs],
     )
     app[SETTINGS] = settings
+    budget = open_log_budget(settings.max_open_logs)
     store = Store(
         settings.data_dir,
         durability=settings.durability,
         file_io=file_io,
-        max_open=open_log_budget(settings.max_open_logs),
+        max_open=max(1, budget - budget // 4),
     )
     app[STORE] = store
+    app[AUDIT] = AuditLogs(
+        store.beside("audit", max_open=max(1, budget // 4), file_io=audit_file_io)
+    )
+    household = Household(
+        settings.data_dir,
+        durable=settings.durability == Durability.FSYNC,
+    )
+    sessions = app[SESSIONS] = Sessions(household, clock=clock)
+    budgets = app[BUDGETS] = Budgets(store, lambda: sessions.state, clock=clock)
     chosen = provider if provider is not None else build_provider(settings)
     app[PROVIDER] = chosen
-    app[REPLIES] = Replies(chosen)
+    app[REPLIES] = Replies(chosen, on_end=budgets.count_tokens)
     app[STREAM_SLOTS] = StreamSlots(
         settings.max_streams, per_client=settings.max_streams_per_client
     )
     app[MESSAGE_RATE] = ClientRate(settings.messages_per_minute, what="messages")
     app[CREATE_RATE] = ClientRate(settings.creates_per_minute, what="conversations")
     app.add_routes(routes)
+    app.add_routes(login_routes)
     app.router.add_get("/", _index)
     app.router.add_get("/static/{path:.+}", _static)
     edge.install(app, settings)  # Host, same origin, JSON bodies; headers of every answer
     app.cleanup_ctx.append(_resources)
+    app.cleanup_ctx.append(_household_poll)
     app.on_shutdown.append(_shut_down)
     return app
 
@@ -135,9 +178,24 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await provider.close()  # no reply runs any more: _shut_down ended them
 
 
+async def _household_poll(app: web.Application) -> AsyncIterator[None]:
+    """Fold what ``chatledger user …`` appends to the household log while the server
+    runs (:meth:`server.sessions.Sessions.poll`)."""
+    sessions = app[SESSIONS]
+    task = asyncio.create_task(sessions.poll(), name="household poll")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        sessions.household.close()
+
+
 async def _shut_down(app: web.Application) -> None:
     """The one shutdown path (see the module's docstring); aiohttp runs it once."""
     await app[REPLIES].shutdown()  # every reply ends "interrupted"; no new one starts
+    await app[AUDIT].close()  # each event stream's close record is queued by now
     await app[STORE].close()  # queued appends commit; then each event stream ends
 
 

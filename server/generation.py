@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +64,7 @@ class Started:
 @dataclass
 class _Reply:
     reply_id: str
+    by: str | None = None  # the account whose message it answers
     task: asyncio.Task[None] | None = None
     finish_on_cancel: str = "interrupted"
     begun: bool = False  # the task has started running
@@ -87,10 +88,19 @@ class Replies:
     """The running replies of one server.
 
     :param provider: where reply text comes from.
+    :param on_end: see :attr:`on_end`.
     """
 
-    def __init__(self, provider: Provider) -> None:
+    def __init__(
+        self,
+        provider: Provider,
+        *,
+        on_end: Callable[[str, dict[str, Any] | None], None] | None = None,
+    ) -> None:
         self.provider = provider
+        self.on_end = on_end
+        """``on_end(by, usage)`` after the ``end`` of a reply to a message of account
+        ``by`` committed (the daily budgets count its tokens)."""
         self._counted = context.TokenCounts()  # the turns' tokens, by (conversation, offset)
         self._running: dict[str, _Reply] = {}
         self._closing = False
@@ -100,8 +110,11 @@ class Replies:
         reply = self._running.get(conversation_id)
         return reply.reply_id if reply else None
 
-    async def send(self, conversation_id: str, log: ConversationLog, text: str) -> Started:
-        """Append a ``user`` record and start the reply to it. The first message of an
+    async def send(
+        self, conversation_id: str, log: ConversationLog, text: str, *, by: str | None = None
+    ) -> Started:
+        """Append a ``user`` record (``by``: the sender's account id) and start the reply
+        to it. The first message of an
         untitled conversation also appends a ``title`` record (:func:`title_from`) in the
         same commit. Returns once they are committed; the reply's ``start`` follows.
 
@@ -114,11 +127,11 @@ class Replies:
         if conversation_id in self._running:
             raise ReplyRunningError(conversation_id)
         log.check_writable()
-        reply = _Reply(reply_id=new_id())
+        reply = _Reply(reply_id=new_id(), by=by)
         self._running[conversation_id] = reply  # claimed before the first await
         log.pin()  # open until the reply ends (the store closes only idle logs)
         try:
-            message = records.user(message_id=new_id(), text=text)
+            message = records.user(message_id=new_id(), text=text, by=by)
             # No other writer appends to this log now (the reply slot is claimed), so the
             # summary is the log's; the title, if any, shares the message's commit.
             first = not log.summary.title and log.summary.user_messages == 0
@@ -315,6 +328,8 @@ class Replies:
                 except asyncio.CancelledError:
                     _uncancel()  # a second stop while the end commits: it ends anyway
             done.result()
+            if self.on_end is not None and reply.by is not None:
+                self.on_end(reply.by, reply.usage)
         except LogError as exc:
             logger.error(
                 "reply %s in %s: could not append its end: %s", reply.reply_id, conversation_id, exc

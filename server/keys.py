@@ -5,19 +5,26 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..storage import Store
+from ..storage.audit import AuditLogs
 from .admission import ClientRate, StreamSlots
+from .budgets import Budgets
 from .generation import Replies
 from .providers import Provider
+from .sessions import Sessions, Viewer
 from .settings import Settings
 
 __all__ = [
+    "AUDIT",
+    "BUDGETS",
     "CREATE_RATE",
     "MESSAGE_RATE",
     "PROVIDER",
     "REPLIES",
+    "SESSIONS",
     "SETTINGS",
     "STORE",
     "STREAM_SLOTS",
+    "VIEWER",
 ]
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -29,3 +36,11 @@ MESSAGE_RATE = web.AppKey("message_rate", ClientRate)
 """Messages per client per minute (``--messages-per-minute``)."""
 CREATE_RATE = web.AppKey("create_rate", ClientRate)
 """Conversation creates per client per minute (``--creates-per-minute``)."""
+AUDIT = web.AppKey("audit", AuditLogs)
+"""The audit logs, ``<data-dir>/audit/``."""
+SESSIONS = web.AppKey("sessions", Sessions)
+"""Accounts, sessions, logins (the household log)."""
+BUDGETS = web.AppKey("budgets", Budgets)
+"""Today's use of each account's daily budgets."""
+VIEWER = web.RequestKey("viewer", Viewer)
+"""Who the request is (set by :func:`server.login.require_session`)."""

@@ -160,6 +160,10 @@ class EventStream:
         self._retry_ms = retry_ms
         self._until_end_of = until_end_of
         self._ended = False
+        self.reason = "client_left"
+        """Why the stream ended: ``end`` (its reply's last event), ``shutdown``,
+        ``client_left``, ``failed``, or what :meth:`stop` said."""
+        self._stopped: str | None = None
         self._waiter: asyncio.Future[None] | None = None
         # Set by run() before the stream first listens (they need the running response):
         self._idle: IdleTimer
@@ -177,20 +181,30 @@ class EventStream:
                 return response  # the headers only: a HEAD response has no body
             self._push = Push(self._request, response)
             await response.write(sse.retry(self._retry_ms))
-            while True:
+            while self._stopped is None:
                 await self._catch_up(response)
-                if self._ended or log.closed:
+                if self._ended or log.closed or self._stopped is not None:
                     break  # the last event went out, or shutdown: every record was sent
                 await self._live(response)
+            self.reason = self._stopped or ("end" if self._ended else "shutdown")
         except ConnectionError:
             pass  # the client left; the reply (if any) goes on without it
         except LogClosedError:
-            pass  # shutdown while this stream was behind: it resumes after the restart
+            self.reason = "shutdown"  # while this stream was behind: it resumes after a restart
         except Exception:
+            self.reason = "failed"
             logger.exception("event stream of %s failed at offset %d", log.path.name, self.position)
         finally:
             idle.cancel()
         return response
+
+    def stop(self, reason: str) -> None:
+        """End the stream now (its session ended): nothing more is sent; ``reason``
+        becomes :attr:`reason`."""
+        self._stopped = reason
+        self._ended = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def _catch_up(self, response: web.StreamResponse) -> None:
         """Pull: send committed records, awaiting each write, until the stream is at the

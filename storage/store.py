@@ -143,12 +143,8 @@ class Store:
         self.durability = Durability(durability)
         self.file_io = file_io or FileIO()
         self._beside = _beside
-        self.commit = (
-            _beside.commit
-            if _beside is not None
-            else GroupCommit(durability=self.durability, file_io=self.file_io)
-        )
-        """The group commit every log of the store shares (and of the stores beside it)."""
+        self.commit = GroupCommit(durability=self.durability, file_io=self.file_io)
+        """The group commit every log of the store shares."""
         self.max_open = max_open
         self.max_memory = max_memory
         # Open logs, least recently used first.
@@ -176,17 +172,20 @@ class Store:
             -1 if _beside is not None else _lock_data_dir(self.data_dir, read_only=self.read_only)
         )
 
-    def beside(self, logs: str, *, max_open: int = MAX_OPEN_LOGS) -> Store:
+    def beside(
+        self, logs: str, *, max_open: int = MAX_OPEN_LOGS, file_io: FileIO | None = None
+    ) -> Store:
         """A store of other logs in this data dir, ``<data-dir>/<logs>/<id>.jsonl`` (the
-        audit logs), under this store's lock and durability, sharing its group commit.
-        Close it before this one.
+        audit logs), under this store's lock, with its durability and a group commit of
+        its own through ``file_io`` (default: a plain :class:`FileIO`, so that faults a
+        test injects into the conversation logs stay there). Close it before this one.
 
         :raises ForeignFileError: the directory is a symbolic link or not ours.
         """
         return Store(
             self.data_dir,
             durability=self.durability,
-            file_io=self.file_io,
+            file_io=file_io or FileIO(),
             max_open=max_open,
             max_memory=self.max_memory,
             logs=logs,
@@ -494,8 +493,7 @@ class Store:
         try:
             for log in logs.values():
                 await log.close()
-            if self._beside is None:
-                await self.commit.close()
+            await self.commit.close()
         finally:
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)  # releases the data dir

@@ -1,0 +1,309 @@
+"""Sessions: who is asking (DESIGN.md "The household", OWASP Session Management and
+Authentication cheat sheets).
+
+* **Single-person mode**: while the household has no active account, every request is
+  the :data:`LOCAL` viewer (it may read and write everything), as before accounts.
+* **Accounts**: once one exists, every route but ``/``, ``/static/…``, ``/api/health``,
+  ``/api/login`` (and ``/api/me``, which answers ``401``) needs a session: ``401
+  login_required`` otherwise.
+* A session is a random id (192 bits, :meth:`storage.household.Household.start_session`)
+  in the cookie :data:`COOKIE`: ``HttpOnly; SameSite=Lax; Path=/`` (RFC 6265bis), plus
+  ``Secure`` when the public origin is https; ``Max-Age`` :data:`SESSION_MAX_AGE_S`. The
+  server keeps only its SHA-256, in the household log: it survives a restart, and
+  logout, a new password or ``user remove`` ends it at once, live event streams included
+  (:meth:`Sessions.watch`). Each login makes a new id (no fixation) and ends the session
+  the request carried.
+* Passwords are argon2id (argon2-cffi's defaults: RFC 9106's second recommended option),
+  hashed and verified on a worker thread, at most :data:`HASHING_AT_ONCE` at a time (each
+  takes 64 MiB); an unknown name costs a verification too, so timing does not tell names.
+* Failed logins are throttled (:class:`LoginThrottle`) per account and per client.
+
+Records another process appends (``chatledger user …``) are folded by a poll of the
+file's size every :data:`REFRESH_S` seconds (a ``stat``), and before each login.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Final
+
+import argon2
+from aiohttp import web
+from limits import RateLimitItemPerMinute
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import MovingWindowRateLimiter
+
+from ..storage.audit import LOCAL_VIEWER
+from ..storage.household import Account, AccountError, Household, HouseholdState, session_key
+
+__all__ = [
+    "COOKIE",
+    "HASHING_AT_ONCE",
+    "LOCAL",
+    "PUBLIC_PATHS",
+    "REFRESH_S",
+    "SESSION_MAX_AGE_S",
+    "BadCredentialsError",
+    "LoginThrottle",
+    "Sessions",
+    "ThrottledError",
+    "Viewer",
+    "hash_password",
+]
+
+logger = logging.getLogger(__name__)
+
+COOKIE: Final = "chatledger_session"
+SESSION_MAX_AGE_S: Final = 30 * 24 * 3600
+"""A session's absolute lifetime (s): the cookie's ``Max-Age``, and checked on the server."""
+REFRESH_S: Final = 1.0
+"""Seconds between polls of the household log for records another process appended."""
+HASHING_AT_ONCE: Final = 2
+"""argon2id computations at once (each uses 64 MiB and one core for ~50 ms)."""
+PUBLIC_PATHS: Final = frozenset({"/", "/api/health", "/api/login", "/api/me", "/api/logout"})
+"""Paths answered without a session (``/static/…`` too)."""
+
+_HASHER = argon2.PasswordHasher()  # argon2id, RFC 9106 low-memory defaults
+_DUMMY_HASH = _HASHER.hash("an unknown name costs a verification too")
+
+
+def hash_password(password: str) -> str:
+    """An argon2id PHC string of ``password`` (blocking, ~50 ms, 64 MiB)."""
+    return _HASHER.hash(password)
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """Who a request is: an account (``id``, ``name``, ``role``), or :data:`LOCAL`.
+    ``session`` is the session's key (``None`` for LOCAL)."""
+
+    id: str
+    name: str
+    role: str
+    session: str | None = None
+
+    @property
+    def local(self) -> bool:
+        return self.id == LOCAL_VIEWER
+
+
+LOCAL: Final = Viewer(id=LOCAL_VIEWER, name="", role="parent")
+"""The viewer of single-person mode: may read and write every conversation."""
+
+
+class BadCredentialsError(Exception):
+    """No active account has that name and password."""
+
+
+class ThrottledError(Exception):
+    """Too many failed logins; ``retry_after`` in seconds."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class LoginThrottle:
+    """Failed logins allowed in any moving window of ``minutes``: ``per_account`` for one
+    account name, ``per_client`` for one client (OWASP Authentication cheat sheet: limit
+    attempts per account and per source). A success clears its account's failures.
+
+    :param per_account: failures per account name; 0: no limit.
+    :param per_client: failures per client; 0: no limit.
+    """
+
+    def __init__(self, *, per_account: int = 5, per_client: int = 20, minutes: int = 15) -> None:
+        self.minutes = minutes
+        self._limits = {
+            "account": (per_account, RateLimitItemPerMinute(max(per_account, 1), minutes)),
+            "client": (per_client, RateLimitItemPerMinute(max(per_client, 1), minutes)),
+        }
+        self._storage = MemoryStorage()
+        self._limiter = MovingWindowRateLimiter(self._storage)
+
+    async def check(self, name: str, client: str) -> None:
+        """:raises ThrottledError: the account or the client has no failure left."""
+        for kind, key in (("account", name.strip().casefold()), ("client", client)):
+            limit, item = self._limits[kind]
+            if limit and not await self._limiter.test(item, "login", kind, key):
+                stats = await self._limiter.get_window_stats(item, "login", kind, key)
+                retry_after = max(1, math.ceil(stats.reset_time - time.time()))
+                raise ThrottledError(
+                    f"too many failed logins for this {kind}; try again in {retry_after} s",
+                    retry_after,
+                )
+
+    async def failed(self, name: str, client: str) -> None:
+        for kind, key in (("account", name.strip().casefold()), ("client", client)):
+            limit, item = self._limits[kind]
+            if limit:
+                await self._limiter.hit(item, "login", kind, key)
+
+    async def succeeded(self, name: str) -> None:
+        _, item = self._limits["account"]
+        await self._limiter.clear(item, "login", "account", name.strip().casefold())
+
+
+class Sessions:
+    """The household as the server sees it: accounts, sessions, logins.
+
+    :param household: the household log (its calls run on a worker thread here).
+    :param throttle: failed-login limits.
+    :param clock: seconds since the epoch (tests inject one).
+    """
+
+    def __init__(
+        self,
+        household: Household,
+        *,
+        throttle: LoginThrottle | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.household = household
+        self.throttle = throttle or LoginThrottle()
+        self.clock = clock
+        self._lock = asyncio.Lock()  # one household call at a time (it is not thread-safe)
+        self._hashing = asyncio.Semaphore(HASHING_AT_ONCE)
+        self._watchers: dict[str, set[Callable[[], None]]] = {}
+
+    # -- state ----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> HouseholdState:
+        return self.household.state
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any active account exists (else single-person mode)."""
+        return any(not a.removed for a in self.state.accounts.values())
+
+    def viewer(self, session_id: str | None) -> Viewer | None:
+        """The viewer of a cookie's session id: :data:`LOCAL` in single-person mode;
+        ``None`` when accounts exist and the id names no live session."""
+        if not self.enabled:
+            return LOCAL
+        if not session_id:
+            return None
+        key = session_key(session_id)
+        session = self.state.session(key)
+        if session is None or self.clock() * 1000 - session.created > SESSION_MAX_AGE_S * 1000:
+            return None
+        account = self.state.accounts.get(session.account)
+        if account is None or account.removed:
+            return None
+        return Viewer(id=account.id, name=account.name, role=account.role, session=key)
+
+    def account(self, account_id: str) -> Account | None:
+        return self.state.accounts.get(account_id)
+
+    async def _call(self, function: Callable[..., object], *args: object) -> object:
+        async with self._lock:
+            before = set(self.state.sessions)
+            try:
+                return await asyncio.to_thread(function, *args)
+            finally:
+                self._ended(before - set(self.state.sessions))
+
+    async def refresh(self) -> None:
+        """Fold what another process appended (if the file grew); end the event streams
+        of sessions that ended."""
+        if self.household.changed():
+            await self._call(self.household.refresh)
+
+    async def poll(self) -> None:
+        """:meth:`refresh` every :data:`REFRESH_S` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(REFRESH_S)
+            try:
+                await self.refresh()
+            except Exception:
+                logger.exception("cannot read %s", self.household.path)
+
+    # -- logging in and out ---------------------------------------------------------------
+
+    async def login(self, name: str, password: str, client: str) -> tuple[Account, str]:
+        """Check ``name`` and ``password``; on success start a session.
+
+        :returns: the account and the new session id (for the cookie).
+        :raises ThrottledError: too many failures (nothing was checked).
+        :raises BadCredentialsError: no active account has that name and password.
+        :raises OSError: the session could not be recorded.
+        """
+        await self.throttle.check(name, client)
+        await self.refresh()
+        account = self.state.named(name) if isinstance(name, str) else None
+        phc = account.hash if account is not None else _DUMMY_HASH
+        async with self._hashing:
+            ok = await asyncio.to_thread(_verify, phc, password)
+        if not ok or account is None:
+            await self.throttle.failed(name, client)
+            raise BadCredentialsError(name)
+        await self.throttle.succeeded(name)
+        try:
+            session_id = await self._call(self.household.start_session, account.id, client)
+        except AccountError:  # removed while its password was being checked
+            raise BadCredentialsError(name) from None
+        assert isinstance(session_id, str)
+        return account, session_id
+
+    async def logout(self, key: str) -> None:
+        """End the session ``key`` (and its event streams) at once."""
+        await self._call(self.household.end_session, key)
+
+    # -- live streams ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def watch(self, viewer: Viewer, on_end: Callable[[], None]) -> AsyncIterator[None]:  # type: ignore[misc]
+        """Within the ``with`` block, ``on_end()`` is called (once) if the viewer's
+        session ends: logout, a new password, ``user remove``."""
+        key = viewer.session
+        if key is None:
+            yield
+            return
+        self._watchers.setdefault(key, set()).add(on_end)
+        try:
+            yield
+        finally:
+            watchers = self._watchers.get(key)
+            if watchers is not None:
+                watchers.discard(on_end)
+                if not watchers:
+                    del self._watchers[key]
+
+    def _ended(self, keys: set[str]) -> None:
+        for key in keys:
+            for on_end in self._watchers.pop(key, ()):
+                try:
+                    on_end()
+                except Exception:
+                    logger.exception("ending a stream of a session that ended")
+
+
+def _verify(phc: str, password: str) -> bool:
+    try:
+        return _HASHER.verify(phc, password)
+    except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+        return False
+
+
+def set_cookie(response: web.StreamResponse, session_id: str, *, secure: bool) -> None:
+    """The session cookie (see the module's docstring)."""
+    response.set_cookie(
+        COOKIE,
+        session_id,
+        max_age=SESSION_MAX_AGE_S,
+        path="/",
+        httponly=True,
+        samesite="Lax",
+        secure=secure,
+    )
+
+
+def clear_cookie(response: web.StreamResponse, *, secure: bool) -> None:
+    response.del_cookie(COOKIE, path="/", httponly=True, samesite="Lax", secure=secure)
