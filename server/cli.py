@@ -3,6 +3,9 @@
 ``chatledger verify [--data-dir D]`` checks every log read-only and exits 1 if any is
 damaged; crash leftovers that the next open repairs are warnings (:mod:`storage.verify`).
 
+``chatledger user add|list|passwd|remove|limit …`` changes the household's accounts
+(:mod:`server.users`).
+
 ``chatledger serve [flags]`` runs the server until SIGINT or SIGTERM, then shuts down
 gracefully (running replies end with ``finish: "interrupted"``, streams close after their
 last event) and exits 0.
@@ -14,6 +17,7 @@ import argparse
 import dataclasses
 import enum
 import gc
+import ipaddress
 import logging
 import resource
 import sys
@@ -23,9 +27,11 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
+from ..storage import CorruptLogError
 from ..storage.verify import verify_dir
-from . import __version__
+from . import __version__, users
 from .app import build_provider, init_app
+from .keys import SESSIONS
 from .providers import ProviderError
 from .settings import FLAG, Flag, Settings
 
@@ -55,6 +61,7 @@ def parser() -> argparse.ArgumentParser:
         "verify", help="check every conversation log, read-only; exit 1 if any is damaged"
     )
     _add_flag(verify, "data_dir")
+    users.add_parser(commands, lambda sub: _add_flag(sub, "data_dir"))
     return top
 
 
@@ -133,6 +140,17 @@ def verify(data_dir: Path) -> int:
     return 1 if bad else 0
 
 
+def _loopback(host: str) -> bool:
+    """Whether ``host`` (``--host``) is a loopback address or ``localhost`` (single-person
+    mode may listen only there: DESIGN.md "The household")."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _raise_open_file_limit() -> None:
     # Each event stream holds a socket: let the soft limit go up to the hard one.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -145,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "verify":
         return verify(args.data_dir)
+    if args.command == "user":
+        return users.run(args)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -153,8 +173,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         provider = build_provider(settings)
         app = init_app(settings, provider=provider)
-    except (ProviderError, ValueError, OSError) as exc:
+    except (ProviderError, ValueError, OSError, CorruptLogError) as exc:
         print(f"chatledger: {exc}", file=sys.stderr)
+        return 2
+    if not app[SESSIONS].enabled and not _loopback(settings.host):
+        print(
+            f"chatledger: refusing to listen on {settings.host} with no account: anyone who"
+            " reaches it could read and write every conversation. Add one first:\n"
+            f"  chatledger user add NAME --role parent --data-dir {settings.data_dir}\n"
+            "or listen on a loopback address (--host 127.0.0.1).",
+            file=sys.stderr,
+        )
         return 2
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     line = (
