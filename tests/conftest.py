@@ -157,7 +157,14 @@ def make_client(aiohttp_client, data_dir: Path):
     """``await make_client(**settings, file_io=..., provider=...)``: a test client for a
     real server on a loopback port over ``data_dir``."""
 
-    async def make(*, file_io: FileIO | None = None, provider=None, **overrides) -> TestClient:
+    async def make(
+        *,
+        file_io: FileIO | None = None,
+        provider=None,
+        clock=None,
+        audit_file_io: FileIO | None = None,
+        **overrides,
+    ) -> TestClient:
         settings = Settings(
             data_dir=overrides.pop("data_dir", data_dir),
             durability=overrides.pop("durability", Durability.FSYNC),
@@ -174,10 +181,34 @@ def make_client(aiohttp_client, data_dir: Path):
                 reply_tokens=settings.demo_reply_tokens,
                 context_tokens=settings.context_tokens,
             )
-        app = init_app(settings, file_io=file_io, provider=provider)
+        extra = {"clock": clock} if clock is not None else {}
+        app = init_app(
+            settings, file_io=file_io, provider=provider, audit_file_io=audit_file_io, **extra
+        )
         return await aiohttp_client(TestServer(app, host="127.0.0.1"))
 
     return make
+
+
+def add_account(data_dir: Path, name: str, role: str, password: str = "password-1") -> str:
+    """Add an account to the household log of ``data_dir`` as ``chatledger user add``
+    does (argon2id hash); returns its id. Works while a server runs on ``data_dir``."""
+    from chatledger.server.sessions import hash_password
+    from chatledger.storage.household import Household
+
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    household = Household(data_dir)
+    try:
+        return household.add_account(name, role, hash_password(password)).id
+    finally:
+        household.close()
+
+
+async def login(client: TestClient, name: str, password: str = "password-1") -> dict:
+    """``POST /api/login``; the client's cookie jar keeps the session. Returns the body."""
+    response = await client.post("/api/login", json={"name": name, "password": password})
+    assert response.status == 200, await response.text()
+    return await response.json()
 
 
 async def create_conversation(client: TestClient, **body) -> str:
