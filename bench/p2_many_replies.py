@@ -92,16 +92,27 @@ class Stream:
         return False
 
 
-async def create_many(port: int, count: int) -> list[str]:
+async def create_many(port: int, count: int, headers: dict[str, str] | None = None) -> list[str]:
     connector = aiohttp.TCPConnector(limit=32)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
         return list(
             await asyncio.gather(*(c.create_conversation(session, port) for _ in range(count)))
         )
 
 
-async def one_round(port: int, server: psutil.Process, size: int, args) -> dict:
-    ids = await create_many(port, size)
+async def one_round(
+    port: int,
+    server: psutil.Process,
+    size: int,
+    args,
+    *,
+    headers: dict[str, str] | None = None,
+    meanwhile=None,
+) -> dict:
+    """One round of ``size`` replies. ``headers`` go with every request (a session
+    cookie); ``meanwhile()``, if given, is awaited once every stream is open (the load
+    of another benchmark, such as logins) and its result is returned as ``meanwhile``."""
+    ids = await create_many(port, size, headers)
     latencies = Latencies()
     streams = [Stream(latencies) for _ in ids]
     clients = []
@@ -119,8 +130,10 @@ async def one_round(port: int, server: psutil.Process, size: int, args) -> dict:
                 f"/api/conversations/{conversation_id}/messages",
                 stream,
                 body=b'{"text": "hello there"}',
+                headers=headers,
             )
         )
+    extra = await meanwhile() if meanwhile is not None else None
     profiler = None
     if args.profile_now:
         seconds = min(8.0, args.tokens / RATE - 1)
@@ -172,6 +185,7 @@ async def one_round(port: int, server: psutil.Process, size: int, args) -> dict:
         "server_cpu_pct": 100 * cpu_s / wall,
         "client_cpu_pct": 100 * cpu_c / wall,
         "wall_s": wall,
+        "meanwhile": extra,
         "_latencies": all_ms,
     }
 
