@@ -2,7 +2,8 @@
 
 Resources live in one ``cleanup_ctx`` (:func:`_resources`): at startup it opens and
 recovers every log of the store and starts the provider (for ``local``, a supervised
-child process); at cleanup, once every request has ended, it closes the provider.
+child process); at cleanup, once every request has ended, it closes the provider and
+the audit logs (each event stream records its `close` as it ends).
 
 Shutdown (``on_shutdown``: SIGINT/SIGTERM under ``web.run_app``, or a test client's close)
 runs once, while requests may still be in flight and before aiohttp waits for them:
@@ -176,6 +177,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await provider.close()  # no reply runs any more: _shut_down ended them
+        await app[AUDIT].close()  # every request has ended: its close record is queued
 
 
 async def _household_poll(app: web.Application) -> AsyncIterator[None]:
@@ -195,8 +197,8 @@ async def _household_poll(app: web.Application) -> AsyncIterator[None]:
 async def _shut_down(app: web.Application) -> None:
     """The one shutdown path (see the module's docstring); aiohttp runs it once."""
     await app[REPLIES].shutdown()  # every reply ends "interrupted"; no new one starts
-    await app[AUDIT].close()  # each event stream's close record is queued by now
     await app[STORE].close()  # queued appends commit; then each event stream ends
+    # (the audit logs close at cleanup, once the streams have recorded their close)
 
 
 async def _index(request: web.Request) -> web.FileResponse:

@@ -35,7 +35,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -275,7 +275,7 @@ class Sessions:
     # -- live streams ---------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def watch(self, viewer: Viewer, on_end: Callable[[], None]) -> AsyncIterator[None]:  # type: ignore[misc]
+    def watch(self, viewer: Viewer, on_end: Callable[[], None]) -> Iterator[None]:
         """Within the ``with`` block, ``on_end()`` is called (once) if the viewer's
         session ends: logout, a new password, ``user remove``."""
         key = viewer.session

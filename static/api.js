@@ -1,6 +1,8 @@
 // Every HTTP call the page makes, and their one error shape. The server answers errors as
 // JSON {"error": "<code>", "message": "<human text>"} (DESIGN.md "The HTTP API"); here they
-// become an ApiError carrying the HTTP status and that code.
+// become an ApiError carrying the HTTP status and that code. A `401 login_required` (no
+// session, or it ended: a logout elsewhere) is also told to the one listener set with
+// `onLoginRequired`, whichever call met it.
 
 /** An HTTP error answer of the API. */
 export class ApiError extends Error {
@@ -17,6 +19,18 @@ export class ApiError extends Error {
     this.code = code;
     this.body = body;
   }
+}
+
+/** Called on any `401 login_required` answer (see onLoginRequired). */
+let loginRequired = () => {};
+
+/**
+ * Set what happens when any call is answered `401 login_required`: the page has no
+ * session (any more). Called before that call rejects with its ApiError.
+ * @param {() => void} callback
+ */
+export function onLoginRequired(callback) {
+  loginRequired = callback;
 }
 
 /**
@@ -36,6 +50,7 @@ export async function request(method, path, body) {
   const data = await response.json().catch(() => ({}));
   if (!response.ok) {
     const message = data.message || `${response.status} ${response.statusText}`;
+    if (response.status === 401 && data.error === "login_required") loginRequired();
     throw new ApiError(message, response.status, data.error, data);
   }
   return data;
@@ -46,7 +61,9 @@ const conversationPath = (id) => `/api/conversations/${encodeURIComponent(id)}`;
 /**
  * The conversation list, newest first.
  * @returns {Promise<Array<{id: string, title: string, created: number, updated: number,
- *   size: number, running: string|null}>>} times in ms since the epoch, size in bytes
+ *   size: number, running: string|null, access: "owner"|"guardian",
+ *   owner: string|null}>>} times in ms since the epoch, size in bytes; `access`
+ *   "guardian": a child's conversation, read-only to this parent; `owner` the owner's name
  */
 export function listConversations() {
   return request("GET", "/api/conversations");
@@ -110,4 +127,47 @@ export function stopReply(id) {
  */
 export function eventsUrl(id, from) {
   return `${conversationPath(id)}/events?from=${from}`;
+}
+
+// -- the household (DESIGN.md "The household") -------------------------------------------
+
+/**
+ * Who is signed in.
+ * @returns {Promise<{id: string, name: string, role: string, accounts: boolean,
+ *   readers: string[], budget?: {messages: number|null, tokens: number|null,
+ *   resets_in: number}, family?: Array<{id: string, name: string, role: string}>|null}>}
+ *   `accounts` false: single-person mode (no account exists, everyone may do everything)
+ * @throws {ApiError} 401 `login_required` when accounts exist and there is no session
+ */
+export function me() {
+  return request("GET", "/api/me");
+}
+
+/**
+ * Sign in; the server sets the session cookie (HttpOnly: this page never sees it).
+ * @param {string} name
+ * @param {string} password
+ * @returns {Promise<{id: string, name: string, role: string}>}
+ * @throws {ApiError} 401 `bad_credentials`; 429 `login_throttled` (body `retry_after`, s)
+ */
+export function login(name, password) {
+  return request("POST", "/api/login", { name, password });
+}
+
+/**
+ * Sign out: the server ends the session at once (204).
+ * @returns {Promise<object>}
+ */
+export function logout() {
+  return request("POST", "/api/logout");
+}
+
+/**
+ * Who was sent a conversation, and who else may read it (its owner and guardians only).
+ * @param {string} id conversation id
+ * @returns {Promise<{reads: object[], readers: Array<{id: string, name: string,
+ *   last_read: number|null}>}>} `last_read` in ms since the epoch
+ */
+export function getAudit(id) {
+  return request("GET", `${conversationPath(id)}/audit`);
 }

@@ -7,10 +7,15 @@
 // page reflects, folded onto it; older pages load as the list is scrolled to its top
 // (scrollback.js). The cost of opening does not grow with the log.
 //
+// With accounts (DESIGN.md "The household"), household.js asks who is signed in first,
+// and shows the sign-in form instead of the page while nobody is (and whenever a call is
+// answered 401); a child's conversation opened by a parent is read-only.
+//
 //   #/c/<conversation id>   that conversation      anything else   just the list
 
 import * as api from "./api.js";
 import { applyRecord, prependMessages, RECORD_TYPES, runningReply, viewFrom } from "./fold.js";
+import { createHousehold } from "./household.js";
 import { follow, RESTART_DELAY_MS } from "./live.js";
 import { watchTop } from "./scrollback.js";
 import { createMessageList, renderControls, renderList, showConnection, showError } from "./view.js";
@@ -20,8 +25,20 @@ const ui = {
   list: $("conversations"), newChat: $("new-chat"), title: $("chat-title"),
   connection: $("connection"), messages: $("messages"), error: $("error"),
   composer: $("composer"), text: $("text"), send: $("send"), stop: $("stop"),
+  empty: $("empty"),
 };
 const messageList = createMessageList(ui.messages);
+const household = createHousehold(
+  {
+    login: $("login"), loginForm: $("login-form"), loginName: $("login-name"),
+    loginPassword: $("login-password"), loginSubmit: $("login-submit"),
+    loginError: $("login-error"), app: [$("sidebar"), $("chat")], account: $("account"),
+    accountName: $("account-name"), signOut: $("sign-out"), oversight: $("oversight"),
+    budget: $("budget"),
+  },
+  { onSignedIn: begin, onSignedOut: reset },
+);
+api.onLoginRequired(household.showLogin);
 
 /** Messages per page: the first one shown, and each older one loaded on scrolling up. */
 const PAGE = 50;
@@ -33,16 +50,30 @@ const PAGE = 50;
  * retry (a timer), failed }.
  */
 let current = null;
+/** The rows of the conversation list last shown, by id (`access`, `owner`). */
+let rowsById = new Map();
+/** Whether someone is signed in (or no account exists) and the page has begun. */
+let started = false;
+/** Counts sign-outs: an answer to a call made before the last one is not shown. */
+let epoch = 0;
 
 async function refreshList() {
+  const asked = epoch;
   let rows;
   try {
     rows = await api.listConversations();
   } catch (error) {
-    showError(ui.error, `Could not load conversations: ${error.message}`);
+    if (asked === epoch) showError(ui.error, `Could not load conversations: ${error.message}`);
     return;
   }
+  if (asked !== epoch) return;
+  rowsById = new Map(rows.map((row) => [row.id, row]));
   renderList(ui.list, rows, current?.id ?? null);
+  household.decorateList(ui.list, rows);
+  if (current) {
+    household.setRow(rowsById.get(current.id));
+    if (current.view) controls(current);
+  }
 }
 
 // -- one conversation ----------------------------------------------------------------
@@ -57,8 +88,9 @@ function open(id) {
   current = conversation;
   messageList.clear();
   ui.title.textContent = "…";
+  household.openConversation(id, rowsById.get(id));
   refreshList();
-  begin(conversation);
+  load(conversation);
 }
 
 function leave(conversation) {
@@ -70,7 +102,7 @@ function leave(conversation) {
 // The newest page, then the event stream from the offset it reflects. A page that cannot
 // be had for now (no connection, a 5xx) is asked for again; a 4xx (an unknown
 // conversation) is said and left.
-async function begin(conversation) {
+async function load(conversation) {
   const { id } = conversation;
   showConnection(ui.connection, "connecting", "connecting…");
   let page;
@@ -81,7 +113,7 @@ async function begin(conversation) {
     showError(ui.error, `Could not open this conversation: ${error.message}`);
     showConnection(ui.connection, "lost", "connection lost");
     if (error.status === undefined || error.status >= 500) {
-      conversation.retry = setTimeout(() => begin(conversation), RESTART_DELAY_MS);
+      conversation.retry = setTimeout(() => load(conversation), RESTART_DELAY_MS);
     }
     return;
   }
@@ -97,6 +129,7 @@ async function begin(conversation) {
       const changed = applyRecord(conversation.view, record, offset);
       render(conversation, changed);
       if (record.type === "title" || (record.type === "end" && changed)) refreshList();
+      if (record.type === "end" && changed) household.refreshBudget();
     },
     // The server refused the stream (e.g. 416: the log is not the one this view came
     // from): start over from a new page, and reopen where that page stands.
@@ -128,7 +161,7 @@ function showPage(conversation, page) {
   conversation.failed = failed;
   const older = conversation.shownFrom > 0 || page.more;
   messageList.show(view, { from: conversation.shownFrom, failed, more: older });
-  renderControls(ui, view, { running: unfinished && !failed, failed });
+  controls(conversation);
   if (failed) showFailed();
   if (older) {
     const load = () => loadOlder(conversation, view);
@@ -182,7 +215,17 @@ async function loadOlder(conversation, view) {
 function render(conversation, changed) {
   const { view, failed } = conversation;
   messageList.render(view, changed, { failed });
-  renderControls(ui, view, { running: !failed && runningReply(view) !== null, failed });
+  controls(conversation);
+}
+
+// Title, text, Send and Stop for the conversation's view. A child's conversation opened
+// by its parent is read-only: nothing can be written or stopped there (the server would
+// refuse it: 403 guardian_read_only).
+function controls(conversation) {
+  const { view, failed } = conversation;
+  const readOnly = household.isReadOnly(rowsById.get(conversation.id));
+  const running = !failed && !readOnly && runningReply(view) !== null;
+  renderControls(ui, view, { running, failed: failed || readOnly });
 }
 
 // A reply that stays open with no event for a while: ask the server whether it still
@@ -215,35 +258,71 @@ async function send(event) {
   const text = ui.text.value;
   if (!current || !text.trim() || ui.send.disabled) return;
   ui.send.disabled = true;
+  const asked = epoch;
   try {
     await api.sendMessage(current.id, text);
+    if (asked !== epoch) return;
     ui.text.value = "";
     showError(ui.error, "");
   } catch (error) {
+    if (asked !== epoch) return;
     showError(ui.error, error.message);
     ui.send.disabled = false;
   }
+  household.refreshBudget(); // one message fewer left; or, refused, what is left
 }
 
 async function stop() {
   if (!current) return;
+  const asked = epoch;
   try {
     await api.stopReply(current.id);
   } catch (error) {
-    if (error.status !== 409) showError(ui.error, error.message);
+    if (error.status !== 409 && asked === epoch) showError(ui.error, error.message);
   }
 }
 
 async function newChat() {
+  const asked = epoch;
   try {
     const conversation = await api.createConversation();
-    location.hash = `#/c/${conversation.id}`;
+    if (asked === epoch) location.hash = `#/c/${conversation.id}`;
   } catch (error) {
-    showError(ui.error, error.message);
+    if (asked === epoch) showError(ui.error, error.message);
   }
 }
 
+// -- signing in and out --------------------------------------------------------------
+
+// Someone signed in (or no account exists): show what the location names.
+function begin() {
+  started = true;
+  route();
+}
+
+// Nobody is signed in any more: drop all that was shown, the open conversation's event
+// stream first, and what was typed.
+function reset() {
+  started = false;
+  epoch += 1;
+  if (current) leave(current);
+  current = null;
+  rowsById = new Map();
+  ui.list.replaceChildren();
+  messageList.clear();
+  ui.messages.append(ui.empty);
+  ui.title.textContent = "No conversation open";
+  document.title = "chatledger";
+  showConnection(ui.connection, "idle", "");
+  showError(ui.error, "");
+  ui.text.value = "";
+  ui.text.disabled = true;
+  ui.send.disabled = true;
+  ui.stop.hidden = true;
+}
+
 function route() {
+  if (!started) return;
   const match = location.hash.match(/^#\/c\/([A-Za-z0-9_-]{1,64})$/);
   if (match) {
     if (!current || current.id !== match[1]) open(match[1]);
@@ -259,4 +338,4 @@ ui.text.addEventListener("keydown", (event) => {
 ui.stop.addEventListener("click", stop);
 ui.newChat.addEventListener("click", newChat);
 window.addEventListener("hashchange", route);
-route();
+household.start();
