@@ -46,7 +46,14 @@ from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 
 from ..storage.audit import LOCAL_VIEWER
-from ..storage.household import Account, AccountError, Household, HouseholdState, session_key
+from ..storage.household import (
+    Account,
+    AccountError,
+    Household,
+    HouseholdState,
+    name_key,
+    session_key,
+)
 
 __all__ = [
     "COOKIE",
@@ -147,7 +154,7 @@ class LoginThrottle:
 
     async def check(self, name: str, client: str) -> None:
         """:raises ThrottledError: the account or the client has no failure left."""
-        for kind, key in (("account", name.strip().casefold()), ("client", client)):
+        for kind, key in (("account", name_key(name)), ("client", client)):
             limit, item = self._limits[kind]
             if limit and not await self._limiter.test(item, "login", kind, key):
                 stats = await self._limiter.get_window_stats(item, "login", kind, key)
@@ -158,14 +165,14 @@ class LoginThrottle:
                 )
 
     async def failed(self, name: str, client: str) -> None:
-        for kind, key in (("account", name.strip().casefold()), ("client", client)):
+        for kind, key in (("account", name_key(name)), ("client", client)):
             limit, item = self._limits[kind]
             if limit:
                 await self._limiter.hit(item, "login", kind, key)
 
     async def succeeded(self, name: str) -> None:
         _, item = self._limits["account"]
-        await self._limiter.clear(item, "login", "account", name.strip().casefold())
+        await self._limiter.clear(item, "login", "account", name_key(name))
 
 
 class Sessions:

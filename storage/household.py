@@ -57,6 +57,7 @@ __all__ = [
     "HouseholdState",
     "Session",
     "check_name",
+    "name_key",
     "session_key",
 ]
 
@@ -123,8 +124,10 @@ def check_name(name: object) -> str:
     return name
 
 
-def _fold_key(name: str) -> str:
-    return unicodedata.normalize("NFKC", name).casefold()
+def name_key(name: str) -> str:
+    """What two names that are the same account share: stripped, NFKC, case-folded
+    (``Mom``, ``MOM`` and fullwidth ``Ｍｏｍ`` are one name)."""  # noqa: RUF002
+    return unicodedata.normalize("NFKC", name.strip()).casefold()
 
 
 @dataclass
@@ -147,7 +150,7 @@ class HouseholdState:
                 created=record["ts"],
             )
             self.accounts[account.id] = account
-            self.by_name[_fold_key(account.name)] = account.id
+            self.by_name[name_key(account.name)] = account.id
             return
         if kind == "logout":
             self.sessions.pop(str(record.get("sid")), None)
@@ -163,7 +166,7 @@ class HouseholdState:
             self._end_sessions(account.id)
         elif kind == "remove":
             account.removed = True
-            self.by_name.pop(_fold_key(account.name), None)  # the name may be used again
+            self.by_name.pop(name_key(account.name), None)  # the name may be used again
             self._end_sessions(account.id)
         elif kind == "limit":
             account.messages_per_day = record.get("messages_per_day")
@@ -181,7 +184,7 @@ class HouseholdState:
 
     def named(self, name: str) -> Account | None:
         """The active account called ``name`` (case and width folded), or ``None``."""
-        account_id = self.by_name.get(_fold_key(name.strip()))
+        account_id = self.by_name.get(name_key(name.strip()))
         return self.accounts.get(account_id) if account_id else None
 
     def first_parent(self) -> Account | None:
