@@ -133,15 +133,18 @@ async def _audited(request: web.Request, start: int) -> AsyncIterator[Receipt]:
     """Commit an ``open`` record in the conversation's audit log (:mod:`storage.audit`)
     before the block sends any byte of it, and a ``close`` with what it sent after.
 
-    A read-only data dir (a backup mounted read-only) has no audit log to write: its
-    owners' reads are served unrecorded, a guardian's are refused.
+    A guardian's read is refused when its ``open`` cannot be committed (oversight is on
+    the record or does not happen); an owner's own read is then served unrecorded, and
+    logged as an error: a full disk or a read-only data dir (a backup mounted read-only)
+    must not lock people out of their own conversations.
 
-    :raises ApiError: ``503 audit_unavailable`` when the ``open`` cannot be committed:
-        nothing is sent.
+    :raises ApiError: ``503 audit_unavailable`` when a guardian's ``open`` cannot be
+        committed: nothing is sent.
     """
     conversation_id = request.match_info["conversation_id"]
     audit = request.app[AUDIT]
-    if audit.store.read_only and request.get(ACCESS) is Access.OWNER:
+    owner = request.get(ACCESS) is Access.OWNER
+    if audit.store.read_only and owner:
         yield Receipt(start)
         return
     try:
@@ -153,6 +156,9 @@ async def _audited(request: web.Request, start: int) -> AsyncIterator[Receipt]:
         )
     except (OSError, LogError) as exc:
         logger.error("audit log of %s: cannot record a read: %s", conversation_id, exc)
+        if owner:
+            yield Receipt(start)
+            return
         raise ApiError(
             503,
             "audit_unavailable",
