@@ -51,6 +51,7 @@ from . import records
 from .durability import Durability, FileIO, syncfs_trusted
 from .errors import LogFailedError
 from .recovery import keep_aside
+from .seal import Sealer
 
 __all__ = [
     "COALESCE_TICKS",
@@ -77,6 +78,11 @@ Queued = tuple[records.Record, bytes, "asyncio.Future[int]"]
 """A record, its encoded line, and the future of the offset just after it."""
 
 
+def _retrieved(future: asyncio.Future[int]) -> None:
+    if not future.cancelled():
+        future.exception()  # its failure is the log's, reported to the record's caller
+
+
 class LogWriter:
     """The writer side of one log: its ``O_APPEND`` fd (which holds the log's ``flock``),
     the records queued for the next pass, the batch a pass is writing, and the failure
@@ -92,6 +98,8 @@ class LogWriter:
     :param fd: the log file, open ``O_RDWR | O_APPEND`` and locked; closed by :meth:`close`.
     :param committed: bytes of the file already committed (its size, after recovery).
     :param group: the group commit that writes and syncs this log's batches.
+    :param sealer: the hash of the log's ``committed`` bytes, and when the next seal is
+        due; ``None``: no seals.
     """
 
     def __init__(
@@ -103,8 +111,12 @@ class LogWriter:
         group: GroupCommit,
         on_commit: Callable[[list[Queued], bytes], None],
         on_fail: Callable[[LogFailedError], None],
+        sealer: Sealer | None = None,
     ) -> None:
         self.path = path
+        self.sealer = sealer
+        """The running hash of the log's bytes as queued (:mod:`storage.seal`): a ``seal``
+        record is queued after each record that makes one due."""
         self.device = os.fstat(fd).st_dev
         """``st_dev`` of the file system holding the log (for ``syncfs``)."""
         self._fd = fd
@@ -130,10 +142,19 @@ class LogWriter:
         if self._failure is not None:
             raise self._failure
         data = records.encode(record)
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[int] = loop.create_future()
         if not self._queue:
             self._group.schedule(self)
         self._queue.append((record, data, done))
+        sealer = self.sealer
+        if sealer is not None:
+            sealer.update(data)
+            if sealer.due(record):
+                seal, line = sealer.seal()
+                sealed: asyncio.Future[int] = loop.create_future()
+                sealed.add_done_callback(_retrieved)  # nobody awaits a seal's commit
+                self._queue.append((seal, line, sealed))
         return done
 
     @property

@@ -49,6 +49,7 @@ from .errors import (
 )
 from .fold import Folded, Summary
 from .recovery import HELD_ELSEWHERE, FileKey, Known, create_file, open_file, reopen_file
+from .seal import Sealer
 
 __all__ = ["READ_BLOCK", "SMALL_LOG", "TAIL_BYTES", "ConversationLog", "Listener", "LogState"]
 
@@ -119,7 +120,7 @@ class ConversationLog:
         self._view_task: asyncio.Task[Folded] | None = None
         self._closed_key: FileKey | None = None  # the file as close() left it
 
-    def _attach(self, fd: int, commit: GroupCommit) -> None:
+    def _attach(self, fd: int, commit: GroupCommit, sealer: Sealer) -> None:
         self._writer = LogWriter(
             self.path,
             fd,
@@ -127,19 +128,26 @@ class ConversationLog:
             group=commit,
             on_commit=self._on_commit,
             on_fail=self._on_fail,
+            sealer=sealer,
         )
 
     # -- opening ----------------------------------------------------------------------
 
     @classmethod
     async def create(
-        cls, path: Path, first: records.Record, *, commit: GroupCommit
+        cls,
+        path: Path,
+        first: records.Record,
+        *,
+        commit: GroupCommit,
+        seal_key: bytes | None = None,
     ) -> ConversationLog:
         """Create a new log whose first record is ``first`` (a ``conversation`` record),
         durably whatever the policy (:func:`~storage.recovery.create_file`).
 
         :param commit: the group commit that writes the log (a store's); its policy and
             system-call layer apply.
+        :param seal_key: the HMAC key of the log's seals (:mod:`storage.seal`), or ``None``.
         :raises FileExistsError: the log exists.
         :raises OSError: a write or sync failed; no file is left.
         """
@@ -156,12 +164,19 @@ class ConversationLog:
             file_io=commit.file_io,
             tail=data,
         )
-        log._attach(fd, commit)
+        sealer = Sealer(seal_key)
+        sealer.update(data)
+        log._attach(fd, commit, sealer)
         return log
 
     @classmethod
     async def open(
-        cls, path: Path, *, commit: GroupCommit, known: Known | None = None
+        cls,
+        path: Path,
+        *,
+        commit: GroupCommit,
+        known: Known | None = None,
+        seal_key: bytes | None = None,
     ) -> ConversationLog:
         """Open an existing log, recovering it first (DESIGN.md "Recovery on open",
         :func:`~storage.recovery.open_file`), then append one ``end`` with
@@ -192,7 +207,8 @@ class ConversationLog:
         )
         if opened.fd is None:
             return log
-        log._attach(opened.fd, commit)
+        found = opened.scan
+        log._attach(opened.fd, commit, Sealer(seal_key, found.hashed, found.end, found.sealed_at))
         for reply_id in list(opened.scan.summary.open_replies):
             try:
                 await log.append(records.end(reply_id=reply_id, finish="interrupted"))
@@ -526,9 +542,17 @@ class ConversationLog:
             return None
         if reason is not None:  # corrupt, or a read-only data dir: the same until changed
             return Known(key, self.summary, self._committed, writable=False)
-        if key.size != self._committed:
+        sealer = self._writer.sealer if self._writer is not None else None
+        if key.size != self._committed or sealer is None or sealer.size != self._committed:
             return None
-        return Known(key, self.summary, self._committed, writable=True)
+        return Known(
+            key,
+            self.summary,
+            self._committed,
+            writable=True,
+            hashed=sealer.hashed(),
+            sealed_at=sealer.sealed_at,
+        )
 
     async def close(self) -> None:
         """Commit what is queued, stop appends, end followers, release the lock.

@@ -29,13 +29,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .durability import FileIO
 from .errors import CorruptLogError, ForeignFileError
@@ -77,6 +78,9 @@ class Scan:
     :ivar corrupt_at: offset of the corrupt line, or ``None``.
     :ivar reason: why the first invalid line is invalid (empty when none is).
     :ivar summary: the :class:`Summary` of the records in the valid prefix.
+    :ivar hashed: the SHA-256 (a ``hashlib`` object) of the valid prefix, for the
+        writer's :class:`~storage.seal.Sealer`.
+    :ivar sealed_at: the offset just after the valid prefix's last ``seal`` (0: none).
     """
 
     end: int = 0
@@ -84,6 +88,8 @@ class Scan:
     corrupt_at: int | None = None
     reason: str = ""
     summary: Summary = field(default_factory=Summary)
+    hashed: Any = field(default_factory=hashlib.sha256)
+    sealed_at: int = 0
 
     @property
     def torn(self) -> bool:
@@ -93,9 +99,11 @@ class Scan:
 def scan(stream: BinaryIO) -> Scan:
     """Scan a log file from its current position (offset 0) to its end.
 
-    Reads in blocks of :data:`BLOCK` bytes; memory is bounded by the longest line.
+    Reads in blocks of :data:`BLOCK` bytes; memory is bounded by the longest line. The
+    valid prefix is hashed as it is read (a block at a time).
     """
     result = Scan()
+    hashed = result.hashed
     pending = b""  # bytes of the current, not yet terminated line
     position = 0  # file offset of pending[0]
     first_bad: int | None = None  # offset of the first invalid complete line
@@ -120,9 +128,12 @@ def scan(stream: BinaryIO) -> Scan:
                 if first_bad is None:
                     result.summary.observe(record)
                     result.end = position + newline + 1
+                    if record["type"] == "seal":
+                        result.sealed_at = result.end
                 else:
                     result.corrupt_at = first_bad
             start = newline + 1
+        hashed.update(data[: max(0, min(start, result.end - position))])
         pending = data[start:]
         position += start
     result.size = position + len(pending)
@@ -263,6 +274,8 @@ class Known:
     summary: Summary
     end: int
     writable: bool
+    hashed: Any = None  # the SHA-256 of [0, end) (a hashlib object), when writable
+    sealed_at: int = 0  # the offset just after the last seal
 
 
 @dataclass(frozen=True)
@@ -388,6 +401,10 @@ def reopen_file(path: Path, known: Known) -> Opened | None:
             os.close(fd)  # releases the lock: open_file takes it again
             return None
         found = Scan(end=known.end, size=known.key.size, summary=known.summary)
+        if known.hashed is None:
+            os.close(fd)
+            return None  # nothing kept of its hash: open_file rescans it
+        found.hashed, found.sealed_at = known.hashed.copy(), known.sealed_at
         return Opened(fd, _reader_of(path, fd), found, None)
     except BaseException:
         with contextlib.suppress(OSError):

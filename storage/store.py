@@ -121,6 +121,9 @@ class Store:
         first (the module's docstring); at least 1.
     :param max_memory: bytes of memory (tails and folded views,
         :attr:`ConversationLog.memory`) beyond which idle logs are closed the same way.
+    :param logs: the directory of the logs in the data dir (:meth:`beside` makes others).
+    :param seal_key: the HMAC key of the logs' seals (:func:`storage.seal.load_key`);
+        ``None``: seals carry the SHA-256 alone.
     :raises DataDirLockedError: another process (a second server) holds the data dir.
     :raises ForeignFileError: ``conversations/`` is a symbolic link or not ours.
     """
@@ -134,6 +137,7 @@ class Store:
         max_open: int = MAX_OPEN_LOGS,
         max_memory: int = MAX_MEMORY,
         logs: str = "conversations",
+        seal_key: bytes | None = None,
         _beside: Store | None = None,
     ) -> None:
         if max_open < 1:
@@ -143,6 +147,8 @@ class Store:
         self.durability = Durability(durability)
         self.file_io = file_io or FileIO()
         self._beside = _beside
+        self.seal_key = seal_key
+        """The HMAC key of every log's seals (:mod:`storage.seal`), or ``None``."""
         self.commit = GroupCommit(durability=self.durability, file_io=self.file_io)
         """The group commit every log of the store shares."""
         self.max_open = max_open
@@ -189,6 +195,7 @@ class Store:
             max_open=max_open,
             max_memory=self.max_memory,
             logs=logs,
+            seal_key=self.seal_key,
             _beside=self,
         )
 
@@ -263,7 +270,7 @@ class Store:
     async def _create(self, conversation_id: str, first: records.Record) -> ConversationLog:
         path = self.path(conversation_id)
         log = await self._retry_on_descriptors(
-            lambda: ConversationLog.create(path, first, commit=self.commit)
+            lambda: ConversationLog.create(path, first, commit=self.commit, seal_key=self.seal_key)
         )
         self._add(conversation_id, log)
         return log
@@ -306,7 +313,9 @@ class Store:
             await asyncio.shield(evicting)
         known = self._known.pop(conversation_id, None)
         log = await self._retry_on_descriptors(
-            lambda: ConversationLog.open(path, commit=self.commit, known=known)
+            lambda: ConversationLog.open(
+                path, commit=self.commit, known=known, seal_key=self.seal_key
+            )
         )
         self._add(conversation_id, log)
         return log

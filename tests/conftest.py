@@ -190,6 +190,28 @@ def make_client(aiohttp_client, data_dir: Path):
     return make
 
 
+def check_seals(data: bytes, key: bytes | None = None) -> int:
+    """Recompute every seal in a log's bytes (as ``chatledger verify`` does); assert each
+    matches; return how many there are."""
+    from chatledger.storage import records
+    from chatledger.storage.seal import SealCheck
+
+    check = SealCheck(key=key)
+    for line in data.splitlines(keepends=True):
+        try:
+            record = records.decode(line)
+        except records.RecordError:
+            record = None
+        check.line(line, record)
+    assert check.first_bad is None, check.reason
+    return check.seals
+
+
+def unsealed(recs: list[dict]) -> list[dict]:
+    """``recs`` without their ``seal`` records (what the tests of content compare)."""
+    return [r for r in recs if r["type"] != "seal"]
+
+
 def add_account(data_dir: Path, name: str, role: str, password: str = "password-1") -> str:
     """Add an account to the household log of ``data_dir`` as ``chatledger user add``
     does (argon2id hash); returns its id. Works while a server runs on ``data_dir``."""

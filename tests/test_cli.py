@@ -12,6 +12,7 @@ import pytest
 
 from chatledger.storage import records
 
+from .conftest import check_seals
 from .server_process import serve
 from .sse_reader import StreamReader
 
@@ -55,11 +56,12 @@ async def test_signal_interrupts_replies_closes_streams_and_exits_0(tmp_path, si
             code = await asyncio.to_thread(server.process.wait, 15)
             assert code == 0, server.output()
             assert time.monotonic() - sent_at < 10
-    last = records.decode(reader.events[-1].data.encode())
+    assert reader.events[-1].event == "seal"  # the seal after the reply's end went out too
+    last = records.decode(reader.events[-2].data.encode())
     assert last["type"] == "end" and last["finish"] == "interrupted"
     assert last["id"] == started["reply_id"]
     log = (data_dir / "conversations" / f"{conversation_id}.jsonl").read_bytes()
-    assert int(reader.events[-1].id) == len(log)
+    assert int(reader.events[-1].id) == len(log) and check_seals(log) >= 1
     received = b"".join(e.data.encode() + b"\n" for e in reader.events)
     assert received == log
 

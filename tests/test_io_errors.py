@@ -18,7 +18,7 @@ import pytest
 from chatledger.storage import ConversationLog, FileIO, records
 from chatledger.storage.verify import verify_dir
 
-from .conftest import FaultyIO, create_conversation, wait_idle
+from .conftest import FaultyIO, check_seals, create_conversation, wait_idle
 from .sse_reader import StreamReader, read_quiet, read_through
 
 
@@ -70,8 +70,10 @@ async def test_io_error_in_the_write_path(make_client, data_dir, call, err, pers
     # at the failure, kept aside, and never came back
     (kept,) = (data_dir / "conversations").glob(f"{victim}.jsonl.failed-*")
     assert kept.read_bytes()
-    (added,) = recovered[len(log) :].splitlines()  # only the end recovery appended
+    # only the end recovery appended, and its seal
+    added, seal = recovered[len(log) :].splitlines()
     assert records.decode(added)["finish"] == "interrupted"
+    assert records.decode(seal)["type"] == "seal" and check_seals(recovered) >= 1
     assert all(report.ok for report in verify_dir(data_dir))
     assert (
         await client.post(f"/api/conversations/{victim}/messages", json={"text": "back"})

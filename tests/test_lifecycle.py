@@ -36,7 +36,7 @@ async def test_stop_right_after_send_before_the_reply_begins(tmp_path):
     assert await replies.stop(cid) == started.reply_id  # the task has not run a step yet
     assert replies.running(cid) is None
     kinds = [(r["type"], r.get("finish")) for r in decoded(await log.read())]
-    assert kinds[-2:] == [("start", None), ("end", "cancelled")]
+    assert kinds[-3:] == [("start", None), ("end", "cancelled"), ("seal", None)]
     again = await replies.send(cid, log, "again")  # no 409: the conversation is free
     assert again.reply_id != started.reply_id
     await replies.shutdown()
@@ -75,8 +75,9 @@ async def test_shutdown_while_a_message_is_being_appended(tmp_path):
     started = await sending
     await store.close()  # no append may race the close
     recs = decoded((tmp_path / "data" / "conversations" / f"{cid}.jsonl").read_bytes())
-    assert recs[-1]["type"] == "end" and recs[-1]["finish"] == "interrupted"
-    assert recs[-1]["id"] == started.reply_id
+    assert recs[-1]["type"] == "seal"  # after every reply's end
+    assert recs[-2]["type"] == "end" and recs[-2]["finish"] == "interrupted"
+    assert recs[-2]["id"] == started.reply_id
     with pytest.raises(LogClosedError):
         await replies.send(cid, log, "late")
 

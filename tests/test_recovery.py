@@ -12,6 +12,8 @@ from chatledger.storage import ConversationLog, FileIO, LogReadOnlyError, record
 from chatledger.storage.fold import messages
 from chatledger.storage.recovery import keep_aside, scan
 
+from .conftest import check_seals, unsealed
+
 
 def lines(*recs: records.Record) -> bytes:
     return b"".join(records.encode(r) for r in recs)
@@ -56,6 +58,8 @@ async def test_torn_tail_is_cut_kept_and_reply_closed(tmp_path, group_commit, ta
     assert len(kept) == 1 and kept[0].read_bytes() == tail
     assert path.read_bytes().startswith(good)
     recs = decoded(path)
+    assert recs[-1]["type"] == "seal" and check_seals(path.read_bytes()) == 1
+    recs = unsealed(recs)
     assert recs[-1]["type"] == "end" and recs[-1]["finish"] == "interrupted"
     assert recs[-1]["id"] == "r1"
     assert len(recs) == 6
@@ -144,7 +148,8 @@ async def test_open_after_truncation_at_every_byte(tmp_path, group_commit):
         recovered = path.read_bytes()
         assert recovered.startswith(data[:valid]), cut
         prefix = [records.decode(line) for line in data[:valid].splitlines()]
-        added = decoded(path)[len(prefix) :]
+        added = unsealed(decoded(path)[len(prefix) :])
+        check_seals(recovered)  # the seal after the recovered end covers every byte
         starts = {r["id"] for r in prefix if r["type"] == "start"}
         ended = {r["id"] for r in prefix if r["type"] == "end"}
         assert [(r["type"], r["id"], r["finish"]) for r in added] == [

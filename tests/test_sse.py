@@ -12,7 +12,7 @@ import pytest
 from chatledger.server import sse, stream
 from chatledger.storage import Durability, records
 
-from .conftest import FaultyIO, create_conversation, wait_idle
+from .conftest import FaultyIO, check_seals, create_conversation, wait_idle
 from .sse_reader import StreamReader, read_events, read_quiet, read_through
 
 
@@ -121,7 +121,9 @@ async def test_post_with_accept_event_stream_streams_the_reply(make_client):
     kinds = [e.event for e in reader.events]
     assert kinds == ["user", "title", "start"] + ["chunk"] * 8 + ["end"]  # first message titles
     log = await (await client.get(f"/api/conversations/{conversation_id}/log")).read()
-    assert int(reader.events[-1].id) == len(log)
+    # the stream ends at the reply's end; the log goes on with the seal after it
+    seal_at = log.rindex(b'\n{"type":"seal"') + 1
+    assert int(reader.events[-1].id) == seal_at and check_seals(log) == 1
 
 
 def dechunk(body: bytes) -> bytes:
@@ -166,7 +168,7 @@ async def test_live_events_are_byte_exact_in_the_framing_aiohttp_chose(make_clie
         assert b"Transfer-Encoding" not in head
     log = await (await client.get(f"/api/conversations/{conversation_id}/log")).read()
     start = log.index(b'{"type":"user"')
-    assert payload == expected_stream(log, start, 700)
+    assert payload == expected_stream(log[: log.rindex(b'\n{"type":"seal"') + 1], start, 700)
 
 
 async def test_head_of_an_event_stream_is_headers_only_and_the_connection_goes_on(make_client):

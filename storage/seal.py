@@ -1,0 +1,187 @@
+"""Seals: tamper evidence for a log's bytes (DESIGN.md "Seals").
+
+A ``seal`` record ``{"type": "seal", "ts", "upto", "sha256", "hmac"?}`` says: the SHA-256
+of the log's bytes ``[0, upto)`` is ``sha256`` (hex), where ``upto`` is the seal's own
+start offset. With a key, ``hmac`` is HMAC-SHA-256(key, the 32-byte digest), hex: without
+the key nobody can cut a log and append a seal that matches (a plain SHA-256 anyone can
+recompute). The writer appends a seal after every reply's ``end`` and whenever
+:data:`SEAL_EVERY` bytes were appended since the last one, from a hash it keeps
+incrementally as it queues records (:class:`Sealer`); it never re-reads the file.
+
+Worked example: a log whose first two records take 120 bytes gets, after its reply's
+``end`` at bytes ``[120, 200)``, a seal at offset 200::
+
+    {"type":"seal","ts":…,"upto":200,"sha256":"<sha256 of bytes 0..199>","hmac":"…"}
+
+and the next seal's ``sha256`` covers everything before it, this seal included.
+``chatledger verify`` recomputes each (:class:`SealCheck`), and names the first seal that
+no longer matches: some byte in ``[previous good seal, that seal)`` changed.
+
+A key file (``--seal-key FILE``) holds at least :data:`MIN_KEY_BYTES` bytes of secret; it
+must live outside the data dir (a copy of the data dir must not carry its own key).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac as hmac_lib
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from . import records
+
+__all__ = [
+    "MIN_KEY_BYTES",
+    "SEAL_EVERY",
+    "SealCheck",
+    "SealKeyError",
+    "Sealer",
+    "load_key",
+    "seal_record",
+]
+
+SEAL_EVERY: Final = 1 << 20
+"""Bytes appended after which a seal is due even inside a reply (1 MiB)."""
+MIN_KEY_BYTES: Final = 32
+
+
+class SealKeyError(ValueError):
+    """The ``--seal-key`` file cannot be used: ``str()`` says why."""
+
+
+def load_key(path: Path, data_dir: Path) -> bytes:
+    """The secret in ``path``: a regular file of ours, outside ``data_dir``, not readable
+    by others, at least :data:`MIN_KEY_BYTES` bytes (surrounding whitespace stripped).
+
+    :raises SealKeyError: any of that is not so.
+    """
+    try:
+        resolved = path.resolve(strict=True)
+    except OSError as exc:
+        raise SealKeyError(f"cannot read the seal key {path}: {exc.strerror}") from None
+    data_root = data_dir.resolve()
+    if resolved == data_root or data_root in resolved.parents:
+        raise SealKeyError("the seal key must be kept outside the data dir")
+    info = resolved.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise SealKeyError("the seal key is not a regular file")
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise SealKeyError("the seal key is readable by others (chmod 600 it)")
+    key = resolved.read_bytes().strip()
+    if len(key) < MIN_KEY_BYTES:
+        raise SealKeyError(f"the seal key has fewer than {MIN_KEY_BYTES} bytes")
+    return key
+
+
+def seal_record(upto: int, digest: bytes, key: bytes | None) -> records.Record:
+    """The ``seal`` record for bytes ``[0, upto)`` whose SHA-256 is ``digest``."""
+    record: records.Record = {
+        "type": "seal",
+        "ts": records.now_ms(),
+        "upto": upto,
+        "sha256": digest.hex(),
+    }
+    if key is not None:
+        record["hmac"] = hmac_lib.new(key, digest, hashlib.sha256).hexdigest()
+    return record
+
+
+class Sealer:
+    """The running SHA-256 of a log's bytes, as its writer queues them, and when the
+    next seal is due.
+
+    :param key: the HMAC key, or ``None``.
+    :param hashed: the hash of the log's bytes so far (``hashlib.sha256`` object).
+    :param size: bytes hashed.
+    :param sealed_at: the offset just after the last seal (0: none yet).
+    """
+
+    __slots__ = ("_hash", "key", "sealed_at", "size")
+
+    def __init__(
+        self, key: bytes | None, hashed: Any = None, size: int = 0, sealed_at: int = 0
+    ) -> None:
+        self.key = key
+        self._hash = hashed if hashed is not None else hashlib.sha256()
+        self.size = size
+        self.sealed_at = sealed_at
+
+    def hashed(self) -> Any:
+        """A copy of the running hash (a ``hashlib`` object) of the bytes so far."""
+        return self._hash.copy()
+
+    def update(self, data: bytes) -> None:
+        self._hash.update(data)
+        self.size += len(data)
+
+    def due(self, record: records.Record) -> bool:
+        """Whether a seal follows ``record`` (just hashed): after an ``end``, or once
+        :data:`SEAL_EVERY` bytes have no seal."""
+        return record.get("type") == "end" or self.size - self.sealed_at >= SEAL_EVERY
+
+    def seal(self) -> tuple[records.Record, bytes]:
+        """The seal of everything hashed, and its line, itself hashed."""
+        record = seal_record(self.size, self._hash.digest(), self.key)
+        line = records.encode(record)
+        self.update(line)
+        self.sealed_at = self.size
+        return record, line
+
+
+@dataclass
+class SealCheck:
+    """Recomputes a log's seals line by line (``chatledger verify``).
+
+    :ivar sealed: the offset just after the last seal that matched (0: none).
+    :ivar first_bad: the start offset of the first seal that does not match, or ``None``.
+    :ivar reason: why it does not.
+    """
+
+    key: bytes | None = None
+    sealed: int = 0
+    seals: int = 0
+    first_bad: int | None = None
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._good_before = 0  # the end of the last good seal
+
+    def line(self, data: bytes, record: records.Record | None) -> None:
+        """Take the next line of the log (``data`` with its newline); ``record`` is it
+        decoded, or ``None`` if it does not decode."""
+        if record is not None and record.get("type") == "seal" and self.first_bad is None:
+            self._check(record)
+        self._hash.update(data)
+        self._size += len(data)
+        if record is not None and record.get("type") == "seal" and self.first_bad is None:
+            self.sealed = self._size
+            self.seals += 1
+
+    def _check(self, record: records.Record) -> None:
+        digest = self._hash.digest()
+        problem = None
+        if record.get("upto") != self._size:
+            problem = f"says upto {record.get('upto')}"
+        elif record.get("sha256") != digest.hex():
+            problem = "its sha256 does not match the bytes before it"
+        elif self.key is not None:
+            expected = hmac_lib.new(self.key, digest, hashlib.sha256).hexdigest()
+            given = record.get("hmac")
+            if not isinstance(given, str):
+                problem = "has no hmac, and a key was given"
+            elif not hmac_lib.compare_digest(given, expected):
+                problem = "its hmac does not match (another key, or forged)"
+        if problem is not None:
+            self.first_bad = self._size
+            self.reason = (
+                f"the seal at byte {self._size} {problem}: some byte in"
+                f" [{self.sealed}, {self._size}) changed"
+            )
+
+    @property
+    def size(self) -> int:
+        return self._size
