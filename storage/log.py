@@ -185,7 +185,9 @@ class ConversationLog:
         A log locked by another process, or corrupt, opens read-only with its valid
         prefix readable; so does a log that cannot be written (a read-only data dir).
         ``commit`` is as for :meth:`create`; ``known`` is what :meth:`known` said when this
-        process last closed the log: while the file is unchanged, no scan is needed.
+        process last closed the log: while the file is unchanged, no scan is needed. A
+        sealed log whose last ``end`` has no seal after it (a crash cut the write between
+        them) gets its seal; a log from before seals is left as it is.
 
         :raises FileNotFoundError: no such log.
         :raises OSError: recovery could not write, or (``fsync``) the log's bytes could not
@@ -216,6 +218,14 @@ class ConversationLog:
                 logger.error("%s: could not close interrupted reply %s: %s", path, reply_id, exc)
                 break
             logger.warning("%s: closed interrupted reply %s", path, reply_id)
+        writer = log._writer
+        if writer is not None and 0 < found.sealed_at < found.last_end and log.live:
+            # A sealed log whose last end has no seal after it: a crash cut the batch
+            # between them (the seal was the torn tail). Seal it now, as it would have been.
+            try:
+                await writer.queue_seal()  # type: ignore[union-attr]
+            except LogError as exc:
+                logger.error("%s: could not seal the recovered log: %s", path, exc)
         return log
 
     # -- state --------------------------------------------------------------------------

@@ -90,6 +90,7 @@ class Scan:
     summary: Summary = field(default_factory=Summary)
     hashed: Any = field(default_factory=hashlib.sha256)
     sealed_at: int = 0
+    last_end: int = 0  # the offset just after the valid prefix's last end record
 
     @property
     def torn(self) -> bool:
@@ -130,6 +131,8 @@ def scan(stream: BinaryIO) -> Scan:
                     result.end = position + newline + 1
                     if record["type"] == "seal":
                         result.sealed_at = result.end
+                    elif record["type"] == "end":
+                        result.last_end = result.end
                 else:
                     result.corrupt_at = first_bad
             start = newline + 1

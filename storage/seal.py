@@ -148,38 +148,40 @@ class SealCheck:
     def __post_init__(self) -> None:
         self._hash = hashlib.sha256()
         self._size = 0
-        self._good_before = 0  # the end of the last good seal
+        self._last_start = 0  # the start of the last seal that matched
 
     def line(self, data: bytes, record: records.Record | None) -> None:
         """Take the next line of the log (``data`` with its newline); ``record`` is it
         decoded, or ``None`` if it does not decode."""
         if record is not None and record.get("type") == "seal" and self.first_bad is None:
-            self._check(record)
+            self._check(record, len(data))
         self._hash.update(data)
         self._size += len(data)
         if record is not None and record.get("type") == "seal" and self.first_bad is None:
+            self._last_start = self._size - len(data)
             self.sealed = self._size
             self.seals += 1
 
-    def _check(self, record: records.Record) -> None:
+    def _check(self, record: records.Record, length: int) -> None:
         digest = self._hash.digest()
         problem = None
         if record.get("upto") != self._size:
             problem = f"says upto {record.get('upto')}"
         elif record.get("sha256") != digest.hex():
-            problem = "its sha256 does not match the bytes before it"
+            problem = "has a sha256 that does not match the bytes before it"
         elif self.key is not None:
             expected = hmac_lib.new(self.key, digest, hashlib.sha256).hexdigest()
             given = record.get("hmac")
             if not isinstance(given, str):
                 problem = "has no hmac, and a key was given"
             elif not hmac_lib.compare_digest(given, expected):
-                problem = "its hmac does not match (another key, or forged)"
+                problem = "has an hmac that does not match (another key, or forged)"
         if problem is not None:
             self.first_bad = self._size
             self.reason = (
+                # the last good seal vouched for the bytes before it, not its own
                 f"the seal at byte {self._size} {problem}: some byte in"
-                f" [{self.sealed}, {self._size}) changed"
+                f" [{self._last_start}, {self._size + length}) changed"
             )
 
     @property

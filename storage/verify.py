@@ -8,7 +8,9 @@ For each ``conversations/<id>.jsonl`` it checks, without writing anything:
   one ``end`` with a known ``finish``, nothing of the reply after its ``end``;
 * every ``start`` has its ``end``, unless it is the reply a running server is writing
   (a server holds the log's ``flock``);
-* at most one reply open at a time, and ``ts`` never goes back.
+* at most one reply open at a time, and ``ts`` never goes back;
+* every ``seal`` matches the SHA-256 (and, with the key, the HMAC) of the bytes before
+  it (:mod:`storage.seal`); the report says up to which offset seals vouch for the log.
 
 What it finds is one of two kinds:
 
@@ -42,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .records import FINISH_REASONS, RecordError, decode
+from .seal import SealCheck
 from .store import CONVERSATION_ID, SUFFIX
 
 __all__ = ["LogReport", "verify_dir", "verify_log"]
@@ -61,6 +64,12 @@ class LogReport:
     conversation_id: str
     records: int = 0
     size: int = 0
+    seals: int = 0
+    seal_failed_at: int | None = None
+    """The start offset of the first seal that does not match, or ``None``."""
+    sealed: int = 0
+    """The offset up to which seals vouch for the bytes (just after the last one that
+    matched); ``0`` for a log from before seals ("unsealed")."""
     replies: int = 0
     open_reply: str | None = None
     writer_running: bool = False
@@ -74,9 +83,16 @@ class LogReport:
 
 
 def verify_log(
-    conversation_id: str, lines: Iterable[bytes], *, writer_running: bool = False
+    conversation_id: str,
+    lines: Iterable[bytes],
+    *,
+    writer_running: bool = False,
+    key: bytes | None = None,
 ) -> LogReport:
-    """Check the lines of one log (each with its ``\\n``, the last one possibly without).
+    """Check the lines of one log (each with its ``\\n``, the last one possibly without),
+    and recompute its seals (:class:`storage.seal.SealCheck`): a seal that does not match
+    the bytes before it is an error naming its offset; with ``key``, so is a seal
+    without a matching ``hmac`` (verify logs sealed before a key was set without one).
 
     :param writer_running: a server holds the log: it already recovered the log when it
         opened it, its last reply may be open and an unterminated last line may be a
@@ -94,6 +110,9 @@ def verify_log(
     torn_at: int | None = None  # where the bytes that are no record begin
     partial = 0  # bytes after the last newline
     corrupt = False  # an invalid line with valid records after it
+    seals = SealCheck(key=key)
+    last_end = 0  # the offset just after the last end record
+    whole_lines_changed = False  # a whole line, not zeros, that is no record
     for line in lines:
         at = offset
         offset += len(line)
@@ -106,7 +125,11 @@ def verify_log(
         except RecordError as exc:
             unrecorded.append(f"byte {at}: invalid record: {exc}")
             torn_at = at if torn_at is None else torn_at
+            # zeros are where a lost write's blocks never landed: a crash can leave them
+            whole_lines_changed = whole_lines_changed or (b"\0" not in line and line != b"\n")
+            seals.line(line, None)
             continue
+        seals.line(line, record)
         if unrecorded:  # valid records follow: corruption, not a torn tail
             corrupt = True
             problems.extend(f"{bad} (valid records follow: corrupt)" for bad in unrecorded)
@@ -156,10 +179,23 @@ def verify_log(
             else:
                 del next_chunk[reply_id]
                 ended.add(reply_id)
+            last_end = offset
             if record.get("finish") not in FINISH_REASONS:
                 problems.append(f"byte {at}: unknown finish {record.get('finish')!r}")
     end = offset - partial if torn_at is None else torn_at  # the valid prefix
     report.size = end
+    report.seals, report.sealed = seals.seals, seals.sealed
+    report.seal_failed_at = seals.first_bad
+    if seals.first_bad is not None:
+        problems.append(seals.reason)
+    elif seals.seals and last_end > seals.sealed and not writer_running:
+        # The writer seals every end in the same write: an end with no seal after it was
+        # cut there (a crash: then its seal is the torn tail) or had its seal removed.
+        what = f"byte {last_end}: a reply's end has no seal after it"
+        if offset > end:
+            report.warnings.append(f"{what} (its seal is in the torn tail); the next open seals it")
+        else:
+            problems.append(f"{what}: the log was cut after its last seal, or a seal removed")
     torn = offset - end  # bytes the next open cuts
     if writer_running:
         # The server recovered the log when it opened it: invalid complete lines came
@@ -171,6 +207,13 @@ def verify_log(
         report.warnings.append(
             f"no whole record ({torn} bytes): a create that never completed;"
             f" the next open{kept} removes the log (the conversation never existed)"
+        )
+    elif torn and seals.seals and whole_lines_changed and not partial:
+        # A crash leaves part of a write, or zeros where its blocks never landed; never
+        # a whole line that is no record. In a sealed log that is a change, not a tear.
+        problems.append(
+            f"{unrecorded[0]}: a whole line that is no record after the last seal;"
+            " a crash cannot leave that (it was changed after it was written)"
         )
     elif torn:
         what = (
@@ -218,7 +261,7 @@ def _writer_running(fd: int) -> bool:
     return False
 
 
-def verify_dir(data_dir: Path) -> list[LogReport]:
+def verify_dir(data_dir: Path, *, key: bytes | None = None) -> list[LogReport]:
     """Verify every log under ``<data_dir>/conversations``, sorted by id.
 
     A log is opened ``O_NOFOLLOW | O_NONBLOCK`` and must be a regular file, as the server
@@ -245,5 +288,5 @@ def verify_dir(data_dir: Path) -> list[LogReport]:
                 reports.append(LogReport(stem, problems=problems))
                 continue
             running = _writer_running(fd)
-            reports.append(verify_log(stem, stream, writer_running=running))
+            reports.append(verify_log(stem, stream, writer_running=running, key=key))
     return reports

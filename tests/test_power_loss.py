@@ -18,6 +18,8 @@ from chatledger.storage import ConversationLog, Durability, FileIO, LogError, re
 from chatledger.storage.commit import GroupCommit
 from chatledger.storage.durability import syncfs_reports_errors
 
+from .conftest import check_seals
+
 VARIANTS = ("lost", "torn", "hole", "kept")
 
 
@@ -126,6 +128,8 @@ async def workload(
         for _ in range(size):
             batch.append(records.chunk(reply_id="r", i=index, text=f"token {index}"))
             index += 1
+        if size == 4:  # a reply ends mid-workload: its seal is written and synced too
+            batch.append(records.end(reply_id="r", finish="stop"))
         try:
             await asyncio.gather(*(log.append(record) for log in opened for record in batch))
         except LogError:
@@ -154,7 +158,9 @@ async def recover(image: bytes | None, directory: Path) -> bytes:
         await commit.close()
     assert log.read_only_reason is None, log.read_only_reason  # torn, never "corrupt"
     await log.close()
-    return path.read_bytes()
+    recovered = path.read_bytes()
+    check_seals(recovered)  # no cut leaves a seal that fails: each covers bytes before it
+    return recovered
 
 
 async def crash_everywhere(

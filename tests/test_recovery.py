@@ -3,6 +3,7 @@ unfinished replies closed exactly once."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from chatledger.storage import ConversationLog, FileIO, LogReadOnlyError, records
 from chatledger.storage.fold import messages
 from chatledger.storage.recovery import keep_aside, scan
+from chatledger.storage.seal import seal_record
 
 from .conftest import check_seals, unsealed
 
@@ -123,8 +125,9 @@ async def test_clean_log_is_untouched(tmp_path, group_commit):
 async def test_open_after_truncation_at_every_byte(tmp_path, group_commit):
     """Cut the log at every byte offset: open recovers the longest valid prefix, keeps
     the cut bytes aside, closes the open reply once, and a second open changes nothing."""
-    data = base_log() + lines(
-        records.end(reply_id="r1", finish="stop"),
+    sealed = base_log() + lines(records.end(reply_id="r1", finish="stop"))
+    data = sealed + lines(
+        seal_record(len(sealed), hashlib.sha256(sealed).digest(), None),
         records.user(message_id="u2", text="more"),
         records.start(reply_id="r2", reply_to="u2", model="m"),
         records.chunk(reply_id="r2", i=0, text="x"),
