@@ -41,7 +41,16 @@ from .login import viewer_of
 from .stream import EventStream
 from .text import has_visible
 
-__all__ = ["PINNED_LOGS", "routes", "unpin_logs"]
+__all__ = [
+    "ACCESS",
+    "NOT_FOUND",
+    "PINNED_LOGS",
+    "Receipt",
+    "audited",
+    "conversation_log",
+    "routes",
+    "unpin_logs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +67,8 @@ def _json(data: Any, *, status: int = 200) -> web.Response:
 
 
 PINNED_LOGS = web.RequestKey("pinned_logs", list)
-"""The logs a request pinned (:func:`_log`); :func:`unpin_logs` unpins them at its end."""
+"""The logs a request pinned (:func:`conversation_log`); :func:`unpin_logs` unpins them
+at its end."""
 
 
 def _model(request: web.Request, asked: str | None) -> str:
@@ -81,7 +91,7 @@ def _model(request: web.Request, asked: str | None) -> str:
     return asked
 
 
-async def _log(request: web.Request, *, write: bool = False) -> ConversationLog:
+async def conversation_log(request: web.Request, *, write: bool = False) -> ConversationLog:
     """The open log the request's ``conversation_id`` names, if the viewer may see it
     (:func:`server.access.access`), pinned until the request ends
     (:meth:`storage.ConversationLog.pin`: the store closes only idle logs).
@@ -112,7 +122,8 @@ async def _log(request: web.Request, *, write: bool = False) -> ConversationLog:
 
 
 ACCESS = web.RequestKey("access", Access)
-"""What the viewer may do with the conversation the request names (set by :func:`_log`)."""
+"""What the viewer may do with the conversation the request names (set by
+:func:`conversation_log`)."""
 
 NOT_FOUND: Final = ApiError(404, "not_found", "no such conversation")
 """The answer to an unknown id, and to a conversation the viewer may not see."""
@@ -129,7 +140,7 @@ class Receipt:
 
 
 @contextlib.asynccontextmanager
-async def _audited(request: web.Request, start: int) -> AsyncIterator[Receipt]:
+async def audited(request: web.Request, start: int) -> AsyncIterator[Receipt]:
     """Commit an ``open`` record in the conversation's audit log (:mod:`storage.audit`)
     before the block sends any byte of it, and a ``close`` with what it sent after.
 
@@ -282,11 +293,11 @@ async def get_conversation(request: web.Request) -> web.Response:
     """
     limit = _limit(request.query.get("limit"))
     before = request.query.get("before")
-    log = await _log(request)
+    log = await conversation_log(request)
     view = await log.view()
     if request.method == "HEAD":
         return _page(request, log, view, limit, before)
-    async with _audited(request, 0) as receipt:  # committed before the page is made
+    async with audited(request, 0) as receipt:  # committed before the page is made
         response = _page(request, log, view, limit, before)
         receipt.to = log.committed  # the page is folded from [0, offset)
     return response
@@ -331,7 +342,7 @@ def _limit(text: str | None) -> int:
 
 @routes.post("/api/conversations/{conversation_id}/messages")
 async def post_message(request: web.Request) -> web.StreamResponse:
-    log = await _log(request, write=True)
+    log = await conversation_log(request, write=True)
     body = await json_body(request)
     text = body.get("text")
     if not isinstance(text, str):
@@ -399,7 +410,7 @@ async def _send(
 
 @routes.post("/api/conversations/{conversation_id}/stop")
 async def stop_reply(request: web.Request) -> web.Response:
-    log = await _log(request, write=True)
+    log = await conversation_log(request, write=True)
     try:
         reply_id = await request.app[REPLIES].stop(request.match_info["conversation_id"])
     except NoReplyError:
@@ -411,14 +422,14 @@ async def stop_reply(request: web.Request) -> web.Response:
 
 @routes.get("/api/conversations/{conversation_id}/log")
 async def raw_log(request: web.Request) -> web.StreamResponse:
-    log = await _log(request)
+    log = await conversation_log(request)
     end = log.committed
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     response.content_length = end
     await response.prepare(request)
     if request.method == "HEAD":
         return response  # the headers only: a HEAD response has no body
-    async with _audited(request, 0) as receipt:
+    async with audited(request, 0) as receipt:
         position = 0
         while position < end:
             block = await log.read(position, min(end, position + (1 << 20)))
@@ -435,7 +446,7 @@ async def audit_of(request: web.Request) -> web.Response:
     ``reads``, oldest first (``viewer`` an account id or ``local``, ``name``, ``client``,
     ``from``/``to`` offsets, ``opened``/``closed`` ms, ``reason``), and ``readers``:
     who else may read it (``name``, ``last_read`` ms or null)."""
-    log = await _log(request)
+    log = await conversation_log(request)
     conversation_id = request.match_info["conversation_id"]
     reads = await request.app[AUDIT].reads(conversation_id)
     state = request.app[SESSIONS].state
@@ -474,7 +485,7 @@ async def audit_of(request: web.Request) -> web.Response:
 
 @routes.get("/api/conversations/{conversation_id}/events")
 async def events(request: web.Request) -> web.StreamResponse:
-    log = await _log(request)
+    log = await conversation_log(request)
     try:
         start = sse.start_offset(request.headers, request.query)
     except sse.StartOffsetError as exc:
@@ -502,7 +513,7 @@ async def _stream(
     if request.method == "HEAD":
         return await stream.run()  # headers only: nothing of the conversation is sent
     viewer = viewer_of(request)
-    async with _audited(request, start) as receipt:
+    async with audited(request, start) as receipt:
         with request.app[SESSIONS].watch(viewer, lambda: stream.stop("session_ended")):
             try:
                 return await stream.run()
