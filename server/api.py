@@ -8,10 +8,7 @@ checked before any file is touched.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import orjson
@@ -29,6 +26,7 @@ from .keys import (
     AUDIT,
     BUDGETS,
     CREATE_RATE,
+    DELIVERIES,
     MESSAGE_RATE,
     PROVIDER,
     REPLIES,
@@ -38,6 +36,7 @@ from .keys import (
     STREAM_SLOTS,
 )
 from .login import viewer_of
+from .receipts import ACCESS, Receipt, audited
 from .stream import EventStream
 from .text import has_visible
 
@@ -121,73 +120,8 @@ async def conversation_log(request: web.Request, *, write: bool = False) -> Conv
     return log
 
 
-ACCESS = web.RequestKey("access", Access)
-"""What the viewer may do with the conversation the request names (set by
-:func:`conversation_log`)."""
-
 NOT_FOUND: Final = ApiError(404, "not_found", "no such conversation")
 """The answer to an unknown id, and to a conversation the viewer may not see."""
-
-
-class Receipt:
-    """What one read sent: bytes ``[start, to)`` of the log, and why it ended."""
-
-    __slots__ = ("reason", "to")
-
-    def __init__(self, to: int) -> None:
-        self.to = to
-        self.reason = "end"
-
-
-@contextlib.asynccontextmanager
-async def audited(request: web.Request, start: int) -> AsyncIterator[Receipt]:
-    """Commit an ``open`` record in the conversation's audit log (:mod:`storage.audit`)
-    before the block sends any byte of it, and a ``close`` with what it sent after.
-
-    A guardian's read is refused when its ``open`` cannot be committed (oversight is on
-    the record or does not happen); an owner's own read is then served unrecorded, and
-    logged as an error: a full disk or a read-only data dir (a backup mounted read-only)
-    must not lock people out of their own conversations.
-
-    :raises ApiError: ``503 audit_unavailable`` when a guardian's ``open`` cannot be
-        committed: nothing is sent.
-    """
-    conversation_id = request.match_info["conversation_id"]
-    audit = request.app[AUDIT]
-    owner = request.get(ACCESS) is Access.OWNER
-    if audit.store.read_only and owner:
-        yield Receipt(start)
-        return
-    try:
-        conn = await audit.opened(
-            conversation_id,
-            viewer=viewer_of(request).id,
-            client=client_id(request),
-            start=start,
-        )
-    except (OSError, LogError) as exc:
-        logger.error("audit log of %s: cannot record a read: %s", conversation_id, exc)
-        if owner:
-            yield Receipt(start)
-            return
-        raise ApiError(
-            503,
-            "audit_unavailable",
-            "reads of this conversation cannot be recorded now, so nothing is sent",
-        ) from None
-    receipt = Receipt(start)
-    try:
-        yield receipt
-    except BaseException:
-        receipt.reason = "failed"
-        raise
-    finally:
-        try:
-            await asyncio.shield(
-                audit.closed(conversation_id, conn, to=receipt.to, reason=receipt.reason)
-            )
-        except (OSError, LogError) as exc:
-            logger.error("audit log of %s: cannot record a close: %s", conversation_id, exc)
 
 
 @web.middleware
@@ -297,7 +231,7 @@ async def get_conversation(request: web.Request) -> web.Response:
     view = await log.view()
     if request.method == "HEAD":
         return _page(request, log, view, limit, before)
-    async with audited(request, 0) as receipt:  # committed before the page is made
+    async with audited(request, 0, read="view") as receipt:  # before the page is made
         response = _page(request, log, view, limit, before)
         receipt.to = log.committed  # the page is folded from [0, offset)
     return response
@@ -429,7 +363,7 @@ async def raw_log(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     if request.method == "HEAD":
         return response  # the headers only: a HEAD response has no body
-    async with audited(request, 0) as receipt:
+    async with audited(request, 0, read="log") as receipt:
         position = 0
         while position < end:
             block = await log.read(position, min(end, position + (1 << 20)))
@@ -442,13 +376,21 @@ async def raw_log(request: web.Request) -> web.StreamResponse:
 
 @routes.get("/api/conversations/{conversation_id}/audit")
 async def audit_of(request: web.Request) -> web.Response:
-    """Who was sent which bytes of the conversation, and when (its owner and guardians):
-    ``reads``, oldest first (``viewer`` an account id or ``local``, ``name``, ``client``,
-    ``from``/``to`` offsets, ``opened``/``closed`` ms, ``reason``), and ``readers``:
-    who else may read it (``name``, ``last_read`` ms or null)."""
+    """Who was sent which bytes of the conversation, and what they saw (its owner and
+    guardians; DESIGN.md "The audit log"):
+
+    * ``reads``, oldest first: ``conn``, ``viewer`` (an account id or ``local``),
+      ``name``, ``client``, ``from``/``to`` offsets, ``opened``/``closed`` (ms),
+      ``reason``, ``delivered`` (``[{"to", "at"}]``: receipts while it sent, and at close);
+    * ``viewers``: per viewer, per reply: ``generated`` (its end's ts, or null while it
+      runs), ``delivered`` (when a read of it had been sent past the reply's end) and
+      ``seen`` (when the page reported it rendered past it), each ms or null;
+    * ``readers``: who else may read it (``name``, ``last_read``).
+    """
     log = await conversation_log(request)
     conversation_id = request.match_info["conversation_id"]
-    reads = await request.app[AUDIT].reads(conversation_id)
+    reads, seen = await request.app[AUDIT].reads(conversation_id)
+    view = await log.view()
     state = request.app[SESSIONS].state
 
     def name(viewer: str) -> str | None:
@@ -462,11 +404,34 @@ async def audit_of(request: web.Request) -> web.Response:
         readers.append(
             {"id": guardian.id, "name": guardian.name, "last_read": max(times, default=None)}
         )
+    viewers = []
+    for viewer in dict.fromkeys(r.viewer for r in reads):
+        mine = [r for r in reads if r.viewer == viewer]
+        replies = []
+        for reply_id, start, end, ended in view.replies():
+            delivered = [
+                at
+                for r in mine
+                if r.start <= start
+                for to, at in r.delivered
+                if end is not None and to > end
+            ]
+            shown = [v.ts for v in seen if v.viewer == viewer and end is not None and v.upto > end]
+            replies.append(
+                {
+                    "reply_id": reply_id,
+                    "generated": ended,
+                    "delivered": min(delivered, default=None),
+                    "seen": min(shown, default=None),
+                }
+            )
+        viewers.append({"viewer": viewer, "name": name(viewer), "replies": replies})
     return _json(
         {
             "reads": [
                 {
                     "conn": r.conn,
+                    "read": r.read,
                     "viewer": r.viewer,
                     "name": name(r.viewer),
                     "client": r.client,
@@ -475,12 +440,47 @@ async def audit_of(request: web.Request) -> web.Response:
                     "opened": r.opened,
                     "closed": r.closed,
                     "reason": r.reason,
+                    "delivered": [{"to": to, "at": at} for to, at in r.delivered],
                 }
                 for r in reads
             ],
+            "viewers": viewers,
             "readers": readers,
         }
     )
+
+
+RENDERER_CHARS = 64
+"""The longest ``renderer`` (the page's version) a ``seen`` may name."""
+
+
+@routes.post("/api/conversations/{conversation_id}/seen")
+async def seen(request: web.Request) -> web.Response:
+    """Body ``{"offset", "renderer"?}``: the page rendered every record before ``offset``
+    while it was visible → ``204``; a ``seen`` record in the audit log, attributed to the
+    viewer's newest live event stream of the conversation. ``offset`` must be a record
+    boundary within the committed log (``416`` otherwise)."""
+    log = await conversation_log(request)
+    body = await json_body(request)
+    offset = body.get("offset")
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise ApiError(400, "invalid_field", "'offset' must be a non-negative integer")
+    renderer = optional_str(body, "renderer", max_chars=RENDERER_CHARS) or ""
+    await log.check_offset(offset)
+    conversation_id = request.match_info["conversation_id"]
+    viewer = viewer_of(request).id
+    try:
+        await request.app[AUDIT].seen(
+            conversation_id,
+            conn=request.app[DELIVERIES].newest(conversation_id, viewer),
+            viewer=viewer,
+            upto=offset,
+            renderer=renderer,
+        )
+    except (OSError, LogError) as exc:
+        logger.error("audit log of %s: cannot record a seen: %s", conversation_id, exc)
+        raise ApiError(503, "audit_unavailable", "the audit log cannot be written now") from None
+    return web.Response(status=204)
 
 
 @routes.get("/api/conversations/{conversation_id}/events")
@@ -513,7 +513,8 @@ async def _stream(
     if request.method == "HEAD":
         return await stream.run()  # headers only: nothing of the conversation is sent
     viewer = viewer_of(request)
-    async with audited(request, start) as receipt:
+    read = "events" if until_end_of is None else "reply"
+    async with audited(request, start, read=read, progress=lambda: stream.position) as receipt:
         with request.app[SESSIONS].watch(viewer, lambda: stream.stop("session_ended")):
             try:
                 return await stream.run()

@@ -37,6 +37,7 @@ from .keys import (
     AUDIT,
     BUDGETS,
     CREATE_RATE,
+    DELIVERIES,
     MESSAGE_RATE,
     PROVIDER,
     REPLIES,
@@ -48,6 +49,7 @@ from .keys import (
 from .login import require_session
 from .login import routes as login_routes
 from .providers import Provider
+from .receipts import Deliveries
 from .sessions import Sessions
 from .settings import Settings
 
@@ -135,6 +137,7 @@ def init_app(
     app[AUDIT] = AuditLogs(
         store.beside("audit", max_open=max(1, budget // 4), file_io=audit_file_io)
     )
+    app[DELIVERIES] = Deliveries(app[AUDIT])
     household = Household(
         settings.data_dir,
         durable=settings.durability == Durability.FSYNC,
@@ -156,6 +159,7 @@ def init_app(
     edge.install(app, settings)  # Host, same origin, JSON bodies; headers of every answer
     app.cleanup_ctx.append(_resources)
     app.cleanup_ctx.append(_household_poll)
+    app.cleanup_ctx.append(_delivered_receipts)
     app.on_shutdown.append(_shut_down)
     return app
 
@@ -198,6 +202,17 @@ async def _household_poll(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         sessions.household.close()
+
+
+async def _delivered_receipts(app: web.Application) -> AsyncIterator[None]:
+    """Tick the ``delivered`` receipts of live streams (:class:`server.receipts.Deliveries`)."""
+    task = asyncio.create_task(app[DELIVERIES].run(), name="delivered receipts")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _shut_down(app: web.Application) -> None:

@@ -15,6 +15,7 @@ from .settings import Settings
 
 __all__ = [
     "AUDIT",
+    "DELIVERIES",
     "BUDGETS",
     "CREATE_RATE",
     "MESSAGE_RATE",
@@ -44,3 +45,5 @@ BUDGETS = web.AppKey("budgets", Budgets)
 """Today's use of each account's daily budgets."""
 VIEWER = web.RequestKey("viewer", Viewer)
 """Who the request is (set by :func:`server.login.require_session`)."""
+DELIVERIES = web.AppKey("deliveries", "Deliveries")
+"""The receipts of the event streams sending now (:class:`server.receipts.Deliveries`)."""

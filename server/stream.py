@@ -153,7 +153,8 @@ class EventStream:
         until_end_of: str | None = None,
     ) -> None:
         self.position = start
-        """Offset of the next record to send."""
+        """Offset of the next record to send: everything before it was written to the
+        connection (the receipts' ``to``)."""
         self._request = request
         self._log = log
         self._keepalive = keepalive
@@ -213,9 +214,10 @@ class EventStream:
         while not self._ended and self.position < log.committed:
             block = await log.read_records(self.position)
             framed = sse.frame_records(self.position, block, until_end_of=self._until_end_of)
-            self.position += framed.size
-            self._ended = framed.ended
             await response.write(framed.events)
+            # only once written: the position is what the receipts say was sent
+            self.position += framed.size
+            self._ended = self._ended or framed.ended
             self._idle.sent()
 
     async def _live(self, response: web.StreamResponse) -> None:

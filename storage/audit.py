@@ -11,10 +11,15 @@ record      fields besides ``type``, ``ts``
 ==========  ==============================================================================
 ``audit``   ``conversation``: the first record, naming the conversation
 ``open``    ``conn`` (an id per connection or read), ``viewer`` (account id, or ``local``
-            in single-person mode), ``client`` (address), ``from`` (offset): **committed
+            in single-person mode), ``client`` (address), ``from`` (offset), ``read``
+            (what: ``events``, ``reply``, ``view``, ``log``, ``export``): **committed
             before any byte of the conversation is sent** on that connection
+``delivered`` ``conn``, ``to``: everything in ``[from, to)`` was written to the connection
+            (every few seconds while it sends)
 ``close``   ``conn``, ``to`` (offset: everything in ``[from, to)`` was written to it),
             ``reason``
+``seen``    ``conn`` (or null), ``viewer``, ``upto``, ``renderer``: the page rendered
+            every record before ``upto`` while it was visible
 ==========  ==============================================================================
 
 Usage::
@@ -25,19 +30,18 @@ Usage::
     await audit.closed("c1", conn, to=to, reason="end")
     reads = await audit.reads("c1")       # [Read(conn, viewer, ...), ...]
 
-``delivered`` and ``seen`` receipts are the receipts issue's; readers skip types they do
-not know.
+Readers skip types they do not know.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import records
 from .log import ConversationLog
 from .store import Store, new_id
 
-__all__ = ["LOCAL_VIEWER", "AuditLogs", "Read"]
+__all__ = ["LOCAL_VIEWER", "AuditLogs", "Read", "Seen", "fold"]
 
 LOCAL_VIEWER = "local"
 """The ``viewer`` of reads in single-person mode (no accounts)."""
@@ -54,17 +58,48 @@ class Read:
     client: str
     start: int
     opened: int
+    read: str = ""
     to: int | None = None
     closed: int | None = None
     reason: str | None = None
+    delivered: list[tuple[int, int]] = field(default_factory=list)
+    """``(to, ts)`` of each ``delivered`` and of the ``close``, in order."""
+    seen: list[tuple[int, int, str]] = field(default_factory=list)
+    """``(upto, ts, renderer)`` of each ``seen`` attributed to this connection."""
 
 
-def fold(audit_records: list[records.Record]) -> list[Read]:
-    """The reads an audit log's records describe, in the order they opened (pure).
-    Records of unknown types, and ``close`` records of no known ``open``, are skipped."""
+@dataclass
+class Seen:
+    """A ``seen`` receipt: ``viewer`` rendered every record before ``upto`` at ``ts``."""
+
+    viewer: str
+    upto: int
+    ts: int
+    renderer: str
+    conn: str | None
+
+
+def fold(audit_records: list[records.Record]) -> tuple[list[Read], list[Seen]]:
+    """The reads an audit log's records describe, in the order they opened, and every
+    ``seen`` (pure). Records of unknown types, and receipts of no known ``open``, are
+    skipped."""
     reads: dict[str, Read] = {}
+    seen: list[Seen] = []
     for record in audit_records:
         kind, conn = record.get("type"), record.get("conn")
+        if kind == "seen" and isinstance(record.get("upto"), int):
+            seen.append(
+                Seen(
+                    viewer=str(record.get("viewer")),
+                    upto=record["upto"],
+                    ts=record["ts"],
+                    renderer=str(record.get("renderer")),
+                    conn=conn if isinstance(conn, str) else None,
+                )
+            )
+            if isinstance(conn, str) and conn in reads:
+                reads[conn].seen.append((record["upto"], record["ts"], str(record.get("renderer"))))
+            continue
         if not isinstance(conn, str):
             continue
         if kind == "open" and conn not in reads:
@@ -74,11 +109,15 @@ def fold(audit_records: list[records.Record]) -> list[Read]:
                 client=str(record.get("client")),
                 start=int(record.get("from") or 0),
                 opened=record["ts"],
+                read=str(record.get("read") or ""),
             )
-        elif kind == "close" and conn in reads:
+        elif kind in ("delivered", "close") and conn in reads and isinstance(record.get("to"), int):
             read = reads[conn]
-            read.to, read.closed, read.reason = record.get("to"), record["ts"], record.get("reason")
-    return list(reads.values())
+            read.delivered.append((record["to"], record["ts"]))
+            read.to = record["to"]
+            if kind == "close":
+                read.closed, read.reason = record["ts"], record.get("reason")
+    return list(reads.values()), seen
 
 
 class AuditLogs:
@@ -104,7 +143,9 @@ class AuditLogs:
             except FileExistsError:  # created meanwhile by another read
                 return await self.store.open(conversation_id)
 
-    async def opened(self, conversation_id: str, *, viewer: str, client: str, start: int) -> str:
+    async def opened(
+        self, conversation_id: str, *, viewer: str, client: str, start: int, read: str = ""
+    ) -> str:
         """Append an ``open`` record and wait until it is committed; only then may the
         caller send any byte of the conversation.
 
@@ -113,22 +154,51 @@ class AuditLogs:
             nothing.
         """
         conn = new_id()
+        await self._append(
+            conversation_id,
+            {
+                "type": "open",
+                "ts": records.now_ms(),
+                "conn": conn,
+                "viewer": viewer,
+                "client": client,
+                "from": start,
+                "read": read,
+            },
+        )
+        return conn
+
+    async def _append(self, conversation_id: str, record: records.Record) -> None:
         log = await self._log(conversation_id)
         log.pin()
         try:
-            await log.append(
-                {
-                    "type": "open",
-                    "ts": records.now_ms(),
-                    "conn": conn,
-                    "viewer": viewer,
-                    "client": client,
-                    "from": start,
-                }
-            )
+            await log.append(record)
         finally:
             log.unpin()
-        return conn
+
+    async def delivered(self, conversation_id: str, conn: str, *, to: int) -> None:
+        """Append a ``delivered`` record (``[from, to)`` was written to ``conn``) and wait
+        until it is committed. :raises OSError, storage.LogError:"""
+        await self._append(
+            conversation_id, {"type": "delivered", "ts": records.now_ms(), "conn": conn, "to": to}
+        )
+
+    async def seen(
+        self, conversation_id: str, *, conn: str | None, viewer: str, upto: int, renderer: str
+    ) -> None:
+        """Append a ``seen`` record and wait until it is committed.
+        :raises OSError, storage.LogError:"""
+        await self._append(
+            conversation_id,
+            {
+                "type": "seen",
+                "ts": records.now_ms(),
+                "conn": conn,
+                "viewer": viewer,
+                "upto": upto,
+                "renderer": renderer,
+            },
+        )
 
     async def closed(self, conversation_id: str, conn: str, *, to: int, reason: str) -> None:
         """Append a ``close`` record (``[from, to)`` was written to ``conn``) and wait
@@ -136,25 +206,21 @@ class AuditLogs:
 
         :raises OSError, storage.LogError: it could not be committed.
         """
-        log = await self._log(conversation_id)
-        log.pin()
-        try:
-            await log.append(
-                {"type": "close", "ts": records.now_ms(), "conn": conn, "to": to, "reason": reason}
-            )
-        finally:
-            log.unpin()
+        await self._append(
+            conversation_id,
+            {"type": "close", "ts": records.now_ms(), "conn": conn, "to": to, "reason": reason},
+        )
 
-    async def reads(self, conversation_id: str) -> list[Read]:
-        """Every read of ``conversation_id`` the audit log holds, oldest first (``[]``
-        when it was never read).
+    async def reads(self, conversation_id: str) -> tuple[list[Read], list[Seen]]:
+        """Every read of ``conversation_id`` the audit log holds, oldest first, and every
+        ``seen`` (both empty when it was never read).
 
         :raises OSError, storage.LogError: the audit log cannot be read.
         """
         try:
             log = await self.store.open(conversation_id)
         except FileNotFoundError:
-            return []
+            return [], []
         log.pin()
         try:
             data = await log.read(0, log.committed)

@@ -101,6 +101,7 @@ class Folded:
         # reply position -> its text not joined yet: blocks of PACK pieces joined, then
         # the pieces since (one str object per chunk would cost ~50 bytes a chunk)
         self._pieces: dict[int, tuple[list[str], list[str]]] = {}
+        self._ends: dict[int, tuple[int, int]] = {}  # reply position -> end's offset, ts
         self.size = 0
         """Characters of message text held."""
 
@@ -147,6 +148,7 @@ class Folded:
                 reply["finish"] = record.get("finish")
                 reply["usage"] = record.get("usage")
                 reply["error"] = record.get("error")
+                self._ends[position] = (offset, record["ts"])
 
     def _add(self, message: Message, offset: int) -> None:
         self._index.setdefault(message["id"], len(self._messages))
@@ -181,6 +183,24 @@ class Folded:
         end = len(self._messages) if before is None else self._index[before]
         start = max(0, end - max(0, limit))
         return [self.message(k) for k in range(start, end)], start > 0
+
+    def replies(self) -> list[tuple[str, int, int | None, int | None]]:
+        """Every reply, oldest first: ``(reply id, offset of its start record, offset of
+        its end record or None, the end's ts (ms) or None)`` (for receipts: a reader was
+        sent a whole reply once it was sent past its end record's offset)."""
+        out = []
+        for position, message in enumerate(self._messages):
+            if message["role"] == "assistant":
+                end = self._ends.get(position)
+                out.append(
+                    (
+                        message["id"],
+                        self._offsets[position],
+                        end[0] if end else None,
+                        end[1] if end else None,
+                    )
+                )
+        return out
 
     def turns_newest_first(self) -> Iterator[Turn]:
         """The messages a prompt may use, newest first (see :func:`prompt`): user texts,
