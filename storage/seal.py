@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import hmac as hmac_lib
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -130,11 +130,31 @@ class Sealer:
         return record, line
 
 
+def _problem(record: records.Record, digest: bytes, size: int, key: bytes | None) -> str | None:
+    """Why the ``seal`` record at offset ``size`` does not vouch for the bytes before it,
+    whose SHA-256 is ``digest``; ``None`` when it does."""
+    if record.get("upto") != size:
+        return f"says upto {record.get('upto')}"
+    if record.get("sha256") != digest.hex():
+        return "has a sha256 that does not match the bytes before it"
+    if key is not None:
+        expected = hmac_lib.new(key, digest, hashlib.sha256).hexdigest()
+        given = record.get("hmac")
+        if not isinstance(given, str):
+            return "has no hmac, and a key was given"
+        if not hmac_lib.compare_digest(given, expected):
+            return "has an hmac that does not match (another key, or forged)"
+    return None
+
+
 @dataclass
 class SealCheck:
-    """Recomputes a log's seals line by line (``chatledger verify``).
+    """Recomputes a log's seals (``chatledger verify``): line by line (:meth:`line`), or
+    a whole file at a time (:meth:`stream`, hashing between seals in large blocks).
 
     :ivar sealed: the offset just after the last seal that matched (0: none).
+    :ivar seals: seals that matched.
+    :ivar offsets: the start offset of every seal met (the first failing one included).
     :ivar first_bad: the start offset of the first seal that does not match, or ``None``.
     :ivar reason: why it does not.
     """
@@ -144,46 +164,78 @@ class SealCheck:
     seals: int = 0
     first_bad: int | None = None
     reason: str = ""
+    offsets: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._hash = hashlib.sha256()
         self._size = 0
         self._last_start = 0  # the start of the last seal that matched
 
-    def line(self, data: bytes, record: records.Record | None) -> None:
-        """Take the next line of the log (``data`` with its newline); ``record`` is it
-        decoded, or ``None`` if it does not decode."""
-        if record is not None and record.get("type") == "seal" and self.first_bad is None:
-            self._check(record, len(data))
-        self._hash.update(data)
-        self._size += len(data)
-        if record is not None and record.get("type") == "seal" and self.first_bad is None:
-            self._last_start = self._size - len(data)
-            self.sealed = self._size
-            self.seals += 1
-
-    def _check(self, record: records.Record, length: int) -> None:
-        digest = self._hash.digest()
-        problem = None
-        if record.get("upto") != self._size:
-            problem = f"says upto {record.get('upto')}"
-        elif record.get("sha256") != digest.hex():
-            problem = "has a sha256 that does not match the bytes before it"
-        elif self.key is not None:
-            expected = hmac_lib.new(self.key, digest, hashlib.sha256).hexdigest()
-            given = record.get("hmac")
-            if not isinstance(given, str):
-                problem = "has no hmac, and a key was given"
-            elif not hmac_lib.compare_digest(given, expected):
-                problem = "has an hmac that does not match (another key, or forged)"
-        if problem is not None:
-            self.first_bad = self._size
-            self.reason = (
-                # the last good seal vouched for the bytes before it, not its own
-                f"the seal at byte {self._size} {problem}: some byte in"
-                f" [{self._last_start}, {self._size + length}) changed"
-            )
-
     @property
     def size(self) -> int:
         return self._size
+
+    def line(self, data: bytes, record: records.Record | None) -> None:
+        """Take the next line of the log (``data`` with its newline); ``record`` is it
+        decoded, or ``None`` if it does not decode."""
+        if record is not None and record.get("type") == "seal":
+            self._seal(record, len(data))
+        self._hash.update(data)
+        self._size += len(data)
+
+    def _seal(self, record: records.Record, length: int) -> None:
+        self.offsets.append(self._size)
+        if self.first_bad is not None:
+            return
+        problem = _problem(record, self._hash.digest(), self._size, self.key)
+        if problem is not None:
+            self.first_bad = self._size
+            # the last good seal vouched for the bytes before it, not for its own
+            self.reason = (
+                f"the seal at byte {self._size} {problem}: some byte in"
+                f" [{self._last_start}, {self._size + length}) changed"
+            )
+            return
+        self._last_start = self._size
+        self.sealed = self._size + length
+        self.seals += 1
+
+    def stream(self, stream: Any, block: int = 4 << 20) -> None:
+        """Check every seal of a log file read from ``stream`` (from offset 0): the bytes
+        between seals are hashed a large block at a time (``hashlib`` releases the GIL,
+        so this can run on a thread beside the line-by-line checks). Seals are found as
+        the writer writes them, a line starting ``{"type":"seal",``; the caller compares
+        :attr:`offsets` with the seals its own decoding found. A last line with no
+        newline (a torn tail) is not hashed, as :meth:`line` would not be given it."""
+        pending = b""  # the start of a line not yet whole; data always starts a line
+        while chunk := stream.read(block):
+            data = pending + chunk
+            position = 0
+            while True:
+                at = data.find(_SEAL_LINE, position)
+                while at > 0 and data[at - 1] != 0x0A:  # inside a line: not a record start
+                    at = data.find(_SEAL_LINE, at + 1)
+                if at < 0:
+                    break
+                newline = data.find(b"\n", at)
+                if newline < 0:
+                    break  # the seal's line goes on in the next block
+                self._hash.update(data[position:at])
+                self._size += at - position
+                line = data[at : newline + 1]
+                try:
+                    record = records.decode(line)
+                except records.RecordError:
+                    record = None
+                self.line(line, record)
+                position = newline + 1
+            if at >= 0 and data.find(b"\n", at) < 0:
+                whole = at  # keep the seal's partial line for the next block
+            else:
+                whole = data.rfind(b"\n", position) + 1 or position
+            self._hash.update(data[position:whole])
+            self._size += whole - position
+            pending = data[whole:]
+
+
+_SEAL_LINE: Final = b'{"type":"seal",'
