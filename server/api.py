@@ -8,7 +8,9 @@ checked before any file is touched.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import orjson
@@ -292,20 +294,6 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     client = client_id(request)
     viewer = viewer_of(request)
     by = None if viewer.local else viewer.id
-    if by is not None:
-        account = request.app[SESSIONS].account(by)
-        assert account is not None
-        try:
-            await request.app[BUDGETS].check(account)
-        except BudgetExceededError as exc:
-            raise ApiError(
-                429,
-                "budget_exceeded",
-                str(exc),
-                headers={"Retry-After": str(exc.retry_after)},
-                retry_after=exc.retry_after,
-            ) from None
-    # Checked before the message is appended; only an accepted one counts (a 409 does not).
     rate = request.app[MESSAGE_RATE]
     if "text/event-stream" in request.headers.get("Accept", ""):
         with request.app[STREAM_SLOTS].hold(client):  # taken before the message is appended
@@ -327,9 +315,22 @@ async def post_message(request: web.Request) -> web.StreamResponse:
 async def _send(
     request: web.Request, conversation_id: str, log: ConversationLog, text: str, by: str | None
 ) -> Started:
+    """Send the message (:meth:`Replies.send`); an account's budget is checked and the
+    message counted in the same step, and given back if it was not sent."""
     replies = request.app[REPLIES]
+    account = request.app[SESSIONS].account(by) if by is not None else None
+    budget = request.app[BUDGETS].admit(account) if account is not None else _no_budget()
     try:
-        started = await replies.send(conversation_id, log, text, by=by)
+        async with budget:
+            return await replies.send(conversation_id, log, text, by=by)
+    except BudgetExceededError as exc:
+        raise ApiError(
+            429,
+            "budget_exceeded",
+            str(exc),
+            headers={"Retry-After": str(exc.retry_after)},
+            retry_after=exc.retry_after,
+        ) from None
     except ReplyRunningError:
         raise ApiError(
             409,
@@ -337,9 +338,11 @@ async def _send(
             "a reply is already running in this conversation",
             reply_id=replies.running(conversation_id),
         ) from None
-    if by is not None:
-        request.app[BUDGETS].count_message(by)
-    return started
+
+
+@contextlib.asynccontextmanager
+async def _no_budget() -> AsyncIterator[None]:
+    yield
 
 
 @routes.post("/api/conversations/{conversation_id}/stop")

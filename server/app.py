@@ -50,7 +50,7 @@ from .login import require_session
 from .login import routes as login_routes
 from .providers import Provider
 from .receipts import Deliveries
-from .sessions import Sessions
+from .sessions import Sessions, is_loopback
 from .settings import Settings
 
 __all__ = ["STATIC_DIR", "build_provider", "init_app", "open_log_budget"]
@@ -142,7 +142,9 @@ def init_app(
         settings.data_dir,
         durable=settings.durability == Durability.FSYNC,
     )
-    sessions = app[SESSIONS] = Sessions(household, clock=clock)
+    sessions = app[SESSIONS] = Sessions(
+        household, clock=clock, local_allowed=is_loopback(settings.host)
+    )
     budgets = app[BUDGETS] = Budgets(store, lambda: sessions.state, clock=clock)
     chosen = provider if provider is not None else build_provider(settings)
     app[PROVIDER] = chosen

@@ -17,9 +17,10 @@ cut when it passes the token budget; the next message is refused.
 from __future__ import annotations
 
 import asyncio
-import datetime
+import contextlib
+import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,19 +75,23 @@ class Budgets:
         self._counting: dict[str, asyncio.Task[Used]] = {}
 
     def _today(self) -> tuple[str, int, int]:
-        """(ISO date, start ms, seconds until the next midnight) in local time."""
-        now = datetime.datetime.fromtimestamp(self.clock()).astimezone()
-        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        following = (start + datetime.timedelta(days=1, hours=2)).replace(hour=0)  # DST-safe
+        """(ISO date, start ms, seconds until the next midnight) in local time. Midnights
+        come from ``mktime`` with the zone's rules for that date (``tm_isdst=-1``), so a
+        day of 23 or 25 hours (a daylight-saving change) starts and ends when it does."""
+        now = self.clock()
+        local = time.localtime(now)
+        year, month, day = local.tm_year, local.tm_mon, local.tm_mday
+        start = time.mktime((year, month, day, 0, 0, 0, 0, 0, -1))
+        following = time.mktime((year, month, day + 1, 0, 0, 0, 0, 0, -1))  # normalized
         return (
-            start.date().isoformat(),
-            int(start.timestamp() * 1000),
-            max(1, int((following - now).total_seconds()) + 1),
+            f"{year:04d}-{month:02d}-{day:02d}",
+            int(start * 1000),
+            max(1, math.ceil(following - now)),
         )
 
     async def used(self, account_id: str) -> Used:
         """What ``account_id`` used today (counted from the logs on the first call of a
-        day, then kept up to date by :meth:`count_message` and :meth:`count_tokens`).
+        day, then kept up to date by :meth:`admit` and :meth:`count_tokens`).
 
         :raises OSError, storage.LogError: a log could not be read.
         """
@@ -104,10 +109,15 @@ class Budgets:
             self._used[account_id] = used
         return used
 
-    async def check(self, account: Account) -> None:
-        """:raises BudgetExceededError: ``account`` may send no more messages today."""
-        if account.messages_per_day is None and account.tokens_per_day is None:
-            return
+    @contextlib.asynccontextmanager
+    async def admit(self, account: Account) -> AsyncIterator[None]:
+        """Check ``account``'s budgets and count one message in the same step (no await
+        between them, so messages sent at once cannot pass a limit together); the count
+        is taken back if the ``async with`` block raises (the message was not sent).
+
+        :raises BudgetExceededError: ``account`` may send no more messages today (the
+            block does not run).
+        """
         used = await self.used(account.id)
         _, _, retry_after = self._today()
         if account.messages_per_day is not None and used.messages >= account.messages_per_day:
@@ -120,6 +130,12 @@ class Budgets:
                 f"today's {account.tokens_per_day} tokens are used up; more after midnight",
                 retry_after,
             )
+        used.messages += 1
+        try:
+            yield
+        except BaseException:
+            used.messages -= 1
+            raise
 
     async def left(self, account: Account) -> dict[str, Any]:
         """``{"messages": n|None, "tokens": n|None, "resets_in": s}`` for ``GET /api/me``
@@ -135,12 +151,6 @@ class Budgets:
             "tokens": rest(account.tokens_per_day, used.tokens),
             "resets_in": resets_in,
         }
-
-    def count_message(self, account_id: str) -> None:
-        """A ``user`` record of ``account_id`` committed now."""
-        used = self._current(account_id)
-        if used is not None:
-            used.messages += 1
 
     def count_tokens(self, account_id: str, usage: dict[str, Any] | None) -> None:
         """A reply in a conversation of ``account_id`` ended now with ``usage``."""

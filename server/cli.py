@@ -6,6 +6,13 @@ damaged; crash leftovers that the next open repairs are warnings (:mod:`storage.
 ``chatledger user add|list|passwd|remove|limit …`` changes the household's accounts
 (:mod:`server.users`).
 
+``chatledger export ID --format jsonl|md|html [-o FILE]`` writes one conversation (its log
+byte for byte, or readable; :mod:`storage.export`), read-only, also while a server runs.
+
+``chatledger import FILE [--owner NAME]`` adds the conversations of a ChatGPT or Open WebUI
+export, or a chatledger log, as new logs (:mod:`storage.importers`), also while a server
+runs: each log appears whole, in one rename.
+
 ``chatledger serve [flags]`` runs the server until SIGINT or SIGTERM, then shuts down
 gracefully (running replies end with ``finish: "interrupted"``, streams close after their
 last event) and exits 0.
@@ -17,23 +24,28 @@ import argparse
 import dataclasses
 import enum
 import gc
-import ipaddress
+import io
 import logging
+import os
 import resource
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import uvloop
 from aiohttp import web
 
-from ..storage import CorruptLogError
+from ..storage import CorruptLogError, InvalidIdError, check_id, export, importers
+from ..storage.household import Household
+from ..storage.recovery import open_own, scan
 from ..storage.seal import SealKeyError, load_key
 from ..storage.verify import verify_dir
 from . import __version__, users
 from .app import build_provider, init_app
 from .keys import SESSIONS
 from .providers import ProviderError
+from .sessions import is_loopback
 from .settings import FLAG, Flag, Settings
 
 __all__ = ["main", "parser", "settings_from"]
@@ -64,6 +76,29 @@ def parser() -> argparse.ArgumentParser:
     _add_flag(verify, "data_dir")
     _add_flag(verify, "seal_key")
     users.add_parser(commands, lambda sub: _add_flag(sub, "data_dir"))
+    exporting = commands.add_parser(
+        "export",
+        help="write one conversation: its log byte for byte (jsonl), Markdown or HTML",
+    )
+    exporting.add_argument("conversation_id", metavar="ID", help="the conversation's id")
+    exporting.add_argument("--format", required=True, choices=export.FORMATS)
+    exporting.add_argument(
+        "-o", "--output", type=Path, default=None, metavar="FILE", help="(default: stdout)"
+    )
+    _add_flag(exporting, "data_dir")
+    importing = commands.add_parser(
+        "import",
+        help="add the conversations of a ChatGPT or Open WebUI export, or a chatledger log",
+    )
+    importing.add_argument("file", type=Path, metavar="FILE")
+    importing.add_argument(
+        "--owner",
+        default=None,
+        metavar="NAME",
+        help="the account they belong to (leave out with no accounts: single-person mode)",
+    )
+    _add_flag(importing, "data_dir")
+    _add_flag(importing, "seal_key")
     return top
 
 
@@ -154,15 +189,102 @@ def verify(data_dir: Path, seal_key: Path | None = None) -> int:
     return 1 if bad else 0
 
 
-def _loopback(host: str) -> bool:
-    """Whether ``host`` (``--host``) is a loopback address or ``localhost`` (single-person
-    mode may listen only there: DESIGN.md "The household")."""
-    if host.lower() in ("localhost", "localhost."):
-        return True
+def export_command(conversation_id: str, fmt: str, output: Path | None, data_dir: Path) -> int:
+    """``chatledger export``: the log's valid prefix (all of it, but a torn tail or what
+    follows a corrupt line) rendered as ``fmt``, to ``output`` or stdout. Read-only: it
+    takes no lock and repairs nothing. :returns: 0, or 1 with a message on stderr."""
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+        check_id(conversation_id)
+    except InvalidIdError as exc:
+        print(f"chatledger: {exc}", file=sys.stderr)
+        return 1
+    path = data_dir / "conversations" / f"{conversation_id}.jsonl"
+    try:
+        fd = open_own(path, os.O_RDONLY | os.O_NONBLOCK)
+        with open(fd, "rb") as stream:
+            data = stream.read()
+        household = Household(data_dir)
+        names = {a.id: a.name for a in household.state.accounts.values()}
+        household.close()
+    except FileNotFoundError:
+        print(f"chatledger: no conversation {conversation_id} in {data_dir}", file=sys.stderr)
+        return 1
+    except (OSError, CorruptLogError) as exc:
+        print(f"chatledger: cannot read {path}: {exc}", file=sys.stderr)
+        return 1
+    found = scan(io.BytesIO(data))
+    if found.end == 0:
+        print(f"chatledger: {path} holds no whole record", file=sys.stderr)
+        return 1
+    if found.end < len(data):
+        what = (
+            "corrupt"
+            if found.corrupt_at is not None
+            else "no whole record (a write in flight, or a torn tail)"
+        )
+        print(
+            f"chatledger: {path}: byte {found.end} on is {what}: {found.reason};"
+            f" exporting bytes [0, {found.end})",
+            file=sys.stderr,
+        )
+    body = export.render(data[: found.end], fmt, names=names)
+    try:
+        if output is None:
+            sys.stdout.buffer.write(body)
+            sys.stdout.buffer.flush()
+        else:
+            output.write_bytes(body)
+    except OSError as exc:
+        print(f"chatledger: cannot write {output or 'stdout'}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def import_command(
+    file: Path, data_dir: Path, owner: str | None, seal_key: Path | None = None
+) -> int:
+    """``chatledger import``: validate the whole file, then write each conversation as a
+    new log; print what was imported. :returns: 0, or 1 with one line on stderr (nothing
+    imported, or, for a failed write, which were)."""
+    try:
+        key = load_key(seal_key, data_dir) if seal_key is not None else None
+        found, written = importers.run(file, data_dir, owner=owner, seal_key=key)
+    except (importers.ImportRefusedError, SealKeyError) as exc:
+        print(f"chatledger: {exc}", file=sys.stderr)
+        return 1
+    plural = "" if len(written) == 1 else "s"
+    print(
+        f"imported {len(written)} conversation{plural} from {file} ({found.format})"
+        f" into {data_dir / 'conversations'}:"
+    )
+    for planned in found.conversations:
+        title = " ".join(planned.title.split()) or "(untitled)"
+        counts = _counts(planned.messages, planned.edits, planned.regenerations, planned.skipped)
+        print(f"  {planned.conversation_id}  {title}: {counts}")
+        for warning in planned.warnings:
+            print(f"      warning: {warning}")
+    conversations = found.conversations
+    totals = _counts(
+        sum(p.messages for p in conversations),
+        sum(p.edits for p in conversations),
+        sum(p.regenerations for p in conversations),
+        found.skipped,
+    )
+    print(f"total: {len(written)} conversation{plural}, {totals}")
+    return 0
+
+
+def _counts(messages: int, edits: int, regenerations: int, skipped: Counter[str]) -> str:
+    branches = edits + regenerations
+    text = f"{messages} message{'' if messages == 1 else 's'}, {branches} branches"
+    if branches:
+        text += f" ({edits} edited questions, {regenerations} other answers)"
+    if skipped:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items()))
+        text += f"; skipped {sum(skipped.values())} nodes: {reasons}"
+    else:
+        text += "; skipped none"
+    return text
 
 
 def _raise_open_file_limit() -> None:
@@ -179,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         return verify(args.data_dir, args.seal_key)
     if args.command == "user":
         return users.run(args)
+    if args.command == "export":
+        return export_command(args.conversation_id, args.format, args.output, args.data_dir)
+    if args.command == "import":
+        return import_command(args.file, args.data_dir, args.owner, args.seal_key)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -190,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ProviderError, ValueError, OSError, CorruptLogError) as exc:  # SealKeyError too
         print(f"chatledger: {exc}", file=sys.stderr)
         return 2
-    if not app[SESSIONS].enabled and not _loopback(settings.host):
+    if not app[SESSIONS].enabled and not is_loopback(settings.host):
         print(
             f"chatledger: refusing to listen on {settings.host} with no account: anyone who"
             " reaches it could read and write every conversation. Add one first:\n"

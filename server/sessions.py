@@ -28,8 +28,10 @@ file's size every :data:`REFRESH_S` seconds (a ``stat``), and before each login.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
+import ipaddress
 import logging
 import math
 import os
@@ -68,6 +70,7 @@ __all__ = [
     "ThrottledError",
     "Viewer",
     "hash_password",
+    "is_loopback",
 ]
 
 logger = logging.getLogger(__name__)
@@ -82,6 +85,7 @@ HASHING_AT_ONCE: Final = 2
 PUBLIC_PATHS: Final = frozenset({"/", "/api/health", "/api/login", "/api/me", "/api/logout"})
 """Paths answered without a session (``/static/…`` too)."""
 
+_LOCAL_KEY: Final = "local"  # what LOCAL's streams are watched under (no session key)
 _HASHER = argon2.PasswordHasher()  # argon2id, RFC 9106 low-memory defaults
 
 
@@ -96,6 +100,17 @@ _HASHING = concurrent.futures.ThreadPoolExecutor(
     max_workers=HASHING_AT_ONCE, thread_name_prefix="argon2", initializer=_lowest_priority
 )
 _DUMMY_HASH = _HASHER.hash("an unknown name costs a verification too")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (``--host``) is a loopback address or ``localhost``: the only
+    place single-person mode may listen (DESIGN.md "The household")."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def hash_password(password: str) -> str:
@@ -138,6 +153,8 @@ class LoginThrottle:
     """Failed logins allowed in any moving window of ``minutes``: ``per_account`` for one
     account name, ``per_client`` for one client (OWASP Authentication cheat sheet: limit
     attempts per account and per source). A success clears its account's failures.
+    Attempts still being checked count as failures until they are done (:meth:`check`
+    to :meth:`done`), so guesses sent at once cannot pass the limit together.
 
     :param per_account: failures per account name; 0: no limit.
     :param per_client: failures per client; 0: no limit.
@@ -151,28 +168,47 @@ class LoginThrottle:
         }
         self._storage = MemoryStorage()
         self._limiter = MovingWindowRateLimiter(self._storage)
+        self._checking: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def _keys(self, name: str, client: str) -> tuple[tuple[str, str], ...]:
+        return (("account", name_key(name)), ("client", client))
 
     async def check(self, name: str, client: str) -> None:
-        """:raises ThrottledError: the account or the client has no failure left."""
-        for kind, key in (("account", name_key(name)), ("client", client)):
+        """Start an attempt: it counts as a failure until :meth:`done` (call it, always,
+        once this returns).
+
+        :raises ThrottledError: the account or the client has no failure left (the
+            attempt did not start).
+        """
+        keys = self._keys(name, client)
+        for kind, key in keys:
             limit, item = self._limits[kind]
-            if limit and not await self._limiter.test(item, "login", kind, key):
+            cost = self._checking[kind, key] + 1
+            if limit and not await self._limiter.test(item, "login", kind, key, cost=cost):
                 stats = await self._limiter.get_window_stats(item, "login", kind, key)
                 retry_after = max(1, math.ceil(stats.reset_time - time.time()))
                 raise ThrottledError(
                     f"too many failed logins for this {kind}; try again in {retry_after} s",
                     retry_after,
                 )
+        for kind_key in keys:  # no await since the test: the reservation is atomic
+            self._checking[kind_key] += 1
 
-    async def failed(self, name: str, client: str) -> None:
-        for kind, key in (("account", name_key(name)), ("client", client)):
+    async def done(self, name: str, client: str, *, ok: bool) -> None:
+        """End an attempt :meth:`check` started: a failure is counted, a success clears
+        the account's failures."""
+        for kind_key in self._keys(name, client):
+            self._checking[kind_key] -= 1
+            if not self._checking[kind_key]:
+                del self._checking[kind_key]
+        if ok:
+            _, item = self._limits["account"]
+            await self._limiter.clear(item, "login", "account", name_key(name))
+            return
+        for kind, key in self._keys(name, client):
             limit, item = self._limits[kind]
             if limit:
                 await self._limiter.hit(item, "login", kind, key)
-
-    async def succeeded(self, name: str) -> None:
-        _, item = self._limits["account"]
-        await self._limiter.clear(item, "login", "account", name_key(name))
 
 
 class Sessions:
@@ -181,6 +217,9 @@ class Sessions:
     :param household: the household log (its calls run on a worker thread here).
     :param throttle: failed-login limits.
     :param clock: seconds since the epoch (tests inject one).
+    :param local_allowed: whether single-person mode may serve while no account exists
+        (the server listens on a loopback address only); ``False``: with no active
+        account nobody is let in (after ``user remove`` of the last one, say).
     """
 
     def __init__(
@@ -189,8 +228,10 @@ class Sessions:
         *,
         throttle: LoginThrottle | None = None,
         clock: Callable[[], float] = time.time,
+        local_allowed: bool = True,
     ) -> None:
         self.household = household
+        self.local_allowed = local_allowed
         self.throttle = throttle or LoginThrottle()
         self.clock = clock
         self._lock = asyncio.Lock()  # one household call at a time (it is not thread-safe)
@@ -209,9 +250,10 @@ class Sessions:
 
     def viewer(self, session_id: str | None) -> Viewer | None:
         """The viewer of a cookie's session id: :data:`LOCAL` in single-person mode;
-        ``None`` when accounts exist and the id names no live session."""
+        ``None`` when accounts exist and the id names no live session, and when none
+        exists on a server that may not run in single-person mode."""
         if not self.enabled:
-            return LOCAL
+            return LOCAL if self.local_allowed else None
         if not session_id:
             return None
         key = session_key(session_id)
@@ -228,11 +270,14 @@ class Sessions:
 
     async def _call(self, function: Callable[..., object], *args: object) -> object:
         async with self._lock:
-            before = set(self.state.sessions)
+            before, had_accounts = set(self.state.sessions), self.enabled
             try:
                 return await asyncio.to_thread(function, *args)
             finally:
-                self._ended(before - set(self.state.sessions))
+                ended = before - set(self.state.sessions)
+                if self.enabled and not had_accounts:
+                    ended.add(_LOCAL_KEY)  # the first account: single-person mode is over
+                self._ended(ended)
 
     async def refresh(self) -> None:
         """Fold what another process appended (if the file grew); end the event streams
@@ -260,14 +305,18 @@ class Sessions:
         :raises OSError: the session could not be recorded.
         """
         await self.throttle.check(name, client)
-        await self.refresh()
-        account = self.state.named(name) if isinstance(name, str) else None
-        phc = account.hash if account is not None else _DUMMY_HASH
-        ok = await asyncio.get_running_loop().run_in_executor(_HASHING, _verify, phc, password)
+        ok = False
+        try:
+            await self.refresh()
+            account = self.state.named(name) if isinstance(name, str) else None
+            phc = account.hash if account is not None else _DUMMY_HASH
+            loop = asyncio.get_running_loop()
+            ok = await loop.run_in_executor(_HASHING, _verify, phc, password)
+            ok = ok and account is not None
+        finally:
+            await self.throttle.done(name, client, ok=ok)
         if not ok or account is None:
-            await self.throttle.failed(name, client)
             raise BadCredentialsError(name)
-        await self.throttle.succeeded(name)
         try:
             session_id = await self._call(self.household.start_session, account.id, client)
         except AccountError:  # removed while its password was being checked
@@ -284,8 +333,9 @@ class Sessions:
     @contextlib.contextmanager
     def watch(self, viewer: Viewer, on_end: Callable[[], None]) -> Iterator[None]:
         """Within the ``with`` block, ``on_end()`` is called (once) if the viewer's
-        session ends: logout, a new password, ``user remove``."""
-        key = viewer.session
+        session ends: logout, a new password, ``user remove``; for :data:`LOCAL`, when
+        the first account is added (single-person mode ends)."""
+        key = _LOCAL_KEY if viewer.local else viewer.session
         if key is None:
             yield
             return

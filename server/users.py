@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Final, TextIO
 
+from ..storage.errors import CorruptLogError
 from ..storage.household import ROLES, AccountError, Household
 from .access import guardians
 from .sessions import hash_password
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace, *, stdin: TextIO | None = None, out: TextIO | 
             return _run(args, household, stdin, out)
         finally:
             household.close()
-    except (AccountError, OSError) as exc:
+    except (AccountError, OSError, CorruptLogError) as exc:
         print(f"chatledger: {exc}", file=sys.stderr)
         return 1
 

@@ -44,7 +44,7 @@ from typing import Final
 
 from . import records
 from .durability import FileIO
-from .errors import CorruptLogError
+from .errors import CorruptLogError, ForeignFileError
 from .recovery import keep_aside, open_own
 from .store import new_id
 
@@ -213,6 +213,9 @@ class Household:
         self.state = HouseholdState()
         self.end = 0  # bytes folded (a record boundary)
         self._fd = -1
+        self.failure: OSError | None = None
+        """The write or sync that failed: this object takes no more appends (DESIGN.md:
+        a failed write or sync is fatal for the log; a new process recovers it)."""
         self.refresh()
 
     # -- reading --------------------------------------------------------------------------
@@ -224,6 +227,8 @@ class Household:
         existed = self.path.exists()
         try:
             self._fd = open_own(self.path, flags)
+        except ForeignFileError:
+            raise  # a link or another's file: never "no accounts" (single-person mode)
         except FileNotFoundError:
             return False
         except OSError as exc:
@@ -235,12 +240,13 @@ class Household:
         return True
 
     def refresh(self) -> bool:
-        """Fold the records others appended since the last call (under ``LOCK_SH``).
+        """Fold the records others appended since the last call (under ``LOCK_SH``);
+        nothing after this object's own write or sync failed (its record may be there).
 
         :returns: whether anything new was folded.
         :raises CorruptLogError: see the class.
         """
-        if not self._open(create=False):
+        if self.failure is not None or not self._open(create=False):
             return False
         fcntl.flock(self._fd, fcntl.LOCK_SH)
         try:
@@ -302,6 +308,8 @@ class Household:
         :raises OSError: the write or sync failed (the records may not be durable: this
             call then re-reads the file on the next refresh, never folds them blindly).
         """
+        if self.failure is not None:
+            raise OSError(self.failure.errno, f"the household log failed: {self.failure}")
         self._open(create=True)
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
@@ -310,9 +318,16 @@ class Household:
             if not new:
                 return []
             data = b"".join(records.encode(record) for record in new)
-            self.file_io.write_all(self._fd, data)
-            if self.durable:
-                self.file_io.fdatasync(self._fd)
+            try:
+                self.file_io.write_all(self._fd, data)
+                if self.durable:
+                    self.file_io.fdatasync(self._fd)
+            except OSError as exc:
+                # Never retried as if it worked, nor folded: the kernel may have dropped
+                # the bytes and still report them clean. What was written, if anything,
+                # is cut by the next writer that finds it (a torn tail) or kept.
+                self.failure = exc
+                raise
             self._fold_new(cut=False)
             return new
         finally:
