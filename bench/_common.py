@@ -8,6 +8,7 @@ machine most of the CPU is left to the server under test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -17,8 +18,9 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,14 +61,23 @@ def start_chatledger(
     *args: str,
     port: int | None = None,
     timeout: float = 60.0,
+    package: Path | None = None,
 ) -> tuple[int, subprocess.Popen]:
-    """Start ``python -m chatledger serve`` on loopback; its output goes to a file."""
+    """Start ``python -m chatledger serve`` on loopback; its output goes to a file.
+    ``package``: a directory holding another ``chatledger`` package (a baseline) that
+    the server runs instead of this one (first on ``PYTHONPATH``)."""
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
+    env = None
+    if package is not None:
+        env = {
+            **os.environ,
+            "PYTHONPATH": f"{package}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        }
     with open(data_dir.parent / f"server-{port}.log", "wb") as out:
         argv = ["-m", "chatledger", "serve", "--host", HOST, "--port", str(port),
                 "--data-dir", str(data_dir), *args]  # fmt: skip
-        return port, _launch(argv, port, timeout, out)
+        return port, _launch(argv, port, timeout, out, env=env)
 
 
 def start_script(script: str, *args: str, timeout: float = 60.0) -> tuple[int, subprocess.Popen]:
@@ -76,10 +87,12 @@ def start_script(script: str, *args: str, timeout: float = 60.0) -> tuple[int, s
     return port, _launch(argv, port, timeout, subprocess.DEVNULL)
 
 
-def _launch(argv: list[str], port: int, timeout: float, out: Any) -> subprocess.Popen:
+def _launch(
+    argv: list[str], port: int, timeout: float, out: Any, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """Run ``python *argv`` from the project root and wait until it listens on ``port``."""
     process = subprocess.Popen(
-        [sys.executable, *argv], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+        [sys.executable, *argv], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env
     )
     try:
         wait_port(port, process, timeout)
@@ -414,6 +427,24 @@ def write_conversation(
         out.flush()
         os.fsync(out.fileno())
     return conversation_id, size
+
+
+@contextlib.contextmanager
+def baseline(rev: str) -> Iterator[Path]:
+    """A ``git worktree`` of ``rev`` (the code before a change), as a directory to give
+    :func:`start_chatledger` as ``package``: the "off" side of an A/B in one run."""
+    work = Path(tempfile.mkdtemp(prefix="chatledger-baseline-"))
+    tree = work / "tree"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev],
+                   check=True, capture_output=True)  # fmt: skip
+    (work / "pkg").mkdir()
+    (work / "pkg" / "chatledger").symlink_to(tree)
+    try:
+        yield work / "pkg"
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
+                       capture_output=True)  # fmt: skip
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def cpu_seconds(pid: int) -> float:
