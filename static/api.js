@@ -165,9 +165,44 @@ export function logout() {
 /**
  * Who was sent a conversation, and who else may read it (its owner and guardians only).
  * @param {string} id conversation id
- * @returns {Promise<{reads: object[], readers: Array<{id: string, name: string,
- *   last_read: number|null}>}>} `last_read` in ms since the epoch
+ * @returns {Promise<{reads: Array<{conn: string, read: string, viewer: string,
+ *   name: string|null, from: number, to: number, opened: number, closed: number|null,
+ *   reason: string|null, delivered: Array<{to: number, at: number}>}>, readers:
+ *   Array<{id: string, name: string, last_read: number|null}>}>} oldest read first;
+ *   `delivered`: the receipts (everything before `to` had been sent at `at`); times in
+ *   ms since the epoch
  */
 export function getAudit(id) {
   return request("GET", `${conversationPath(id)}/audit`);
+}
+
+// -- the audit and replay (DESIGN.md "The audit log", "Replay") ---------------------------
+
+/**
+ * Tell the server what the page rendered while it was visible (a `seen` in the audit log).
+ * @param {string} id conversation id
+ * @param {number} offset a record boundary: every record before it was folded and shown
+ * @param {string} renderer the page's version, e.g. "chatledger-page/1"
+ * @returns {Promise<object>} (204: no body)
+ * @throws {ApiError} 416 for an offset that is no record boundary of the committed log
+ */
+export function markSeen(id, offset, renderer) {
+  return request("POST", `${conversationPath(id)}/seen`, { offset, renderer });
+}
+
+/**
+ * The raw log up to the committed offset, byte for byte (JSONL): what replay plays back.
+ * @param {string} id conversation id
+ * @returns {Promise<Uint8Array>} its bytes (offsets in the log are indexes into them)
+ * @throws {ApiError} when the status is not 2xx
+ */
+export async function getLog(id) {
+  const response = await fetch(`${conversationPath(id)}/log`);
+  if (!response.ok) {
+    const data = await response.json().catch(() => ({}));
+    const message = data.message || `${response.status} ${response.statusText}`;
+    if (response.status === 401 && data.error === "login_required") loginRequired();
+    throw new ApiError(message, response.status, data.error, data);
+  }
+  return new Uint8Array(await response.arrayBuffer());
 }

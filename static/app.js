@@ -11,13 +11,24 @@
 // and shows the sign-in form instead of the page while nobody is (and whenever a call is
 // answered 401); a child's conversation opened by a parent is read-only.
 //
+// While the tab is visible, seen.js tells the server how far the page has rendered (a
+// `seen` receipt in the audit log). "Replay" (replay.js) plays the conversation back from
+// its log in a panel that takes the place of the live messages, folded and drawn by the
+// same fold.js and view.js; the live view keeps following its stream meanwhile, and
+// comes back as it is now on "Exit replay".
+//
+// After each record it renders, the page dispatches `chatledger:rendered` on `document`
+// (detail: {offset}): what a test watches to know what the live page showed at an offset.
+//
 //   #/c/<conversation id>   that conversation      anything else   just the list
 
 import * as api from "./api.js";
 import { applyRecord, prependMessages, RECORD_TYPES, runningReply, viewFrom } from "./fold.js";
 import { createHousehold } from "./household.js";
 import { follow, RESTART_DELAY_MS } from "./live.js";
+import { createReplay } from "./replay.js";
 import { watchTop } from "./scrollback.js";
+import { createSeen, RENDERER } from "./seen.js";
 import { createMessageList, renderControls, renderList, showConnection, showError } from "./view.js";
 
 const $ = (id) => document.getElementById(id);
@@ -25,7 +36,7 @@ const ui = {
   list: $("conversations"), newChat: $("new-chat"), title: $("chat-title"),
   connection: $("connection"), messages: $("messages"), error: $("error"),
   composer: $("composer"), text: $("text"), send: $("send"), stop: $("stop"),
-  empty: $("empty"),
+  empty: $("empty"), replayOpen: $("replay-open"),
 };
 const messageList = createMessageList(ui.messages);
 const household = createHousehold(
@@ -39,6 +50,16 @@ const household = createHousehold(
   { onSignedIn: begin, onSignedOut: reset },
 );
 api.onLoginRequired(household.showLogin);
+const seen = createSeen((id, offset) => api.markSeen(id, offset, RENDERER));
+const replay = createReplay(
+  {
+    panel: $("replay"), messages: $("replay-messages"), play: $("replay-play"),
+    speed: $("replay-speed"), timeline: $("replay-timeline"), time: $("replay-time"),
+    exit: $("replay-exit"), sentForm: $("replay-sent"), viewer: $("replay-viewer"),
+    at: $("replay-at"), note: $("replay-note"),
+  },
+  { getLog: api.getLog, getAudit: api.getAudit, onExit: () => showLive({ focus: true }) },
+);
 
 /** Messages per page: the first one shown, and each older one loaded on scrolling up. */
 const PAGE = 50;
@@ -86,6 +107,12 @@ function open(id) {
     failed: false,
   };
   current = conversation;
+  if (replay.active()) {
+    replay.close();
+    showLive();
+  }
+  seen.open(id);
+  ui.replayOpen.hidden = false;
   messageList.clear();
   ui.title.textContent = "…";
   household.openConversation(id, rowsById.get(id));
@@ -128,6 +155,8 @@ async function load(conversation) {
     onRecord: (record, offset) => {
       const changed = applyRecord(conversation.view, record, offset);
       render(conversation, changed);
+      rendered(offset);
+      if (record.type === "end" && changed) seen.flush();
       if (record.type === "title" || (record.type === "end" && changed)) refreshList();
       if (record.type === "end" && changed) household.refreshBudget();
     },
@@ -161,6 +190,7 @@ function showPage(conversation, page) {
   conversation.failed = failed;
   const older = conversation.shownFrom > 0 || page.more;
   messageList.show(view, { from: conversation.shownFrom, failed, more: older });
+  rendered(view.offset);
   controls(conversation);
   if (failed) showFailed();
   if (older) {
@@ -210,6 +240,12 @@ async function loadOlder(conversation, view) {
   const older = view.messages.slice(start, end);
   messageList.prepend(view, older, { failed: conversation.failed, more: left });
   return left;
+}
+
+// The live view now shows every record before `offset` (a record boundary).
+function rendered(offset) {
+  seen.rendered(offset);
+  document.dispatchEvent(new CustomEvent("chatledger:rendered", { detail: { offset } }));
 }
 
 function render(conversation, changed) {
@@ -292,6 +328,29 @@ async function newChat() {
   }
 }
 
+// -- replay --------------------------------------------------------------------------
+
+// The replay panel in place of the live messages and the composer; no seen receipt is
+// sent meanwhile (the live view is off screen).
+function startReplay() {
+  if (!current) return;
+  seen.hold(true);
+  ui.messages.hidden = true;
+  ui.composer.hidden = true;
+  ui.replayOpen.hidden = true;
+  replay.open(current.id);
+}
+
+// The live view back, as it stands now (it kept following its stream).
+function showLive({ focus = false } = {}) {
+  ui.messages.hidden = false;
+  ui.composer.hidden = false;
+  ui.replayOpen.hidden = !current;
+  ui.messages.scrollTop = ui.messages.scrollHeight;
+  seen.hold(false);
+  if (focus && current) ui.replayOpen.focus();
+}
+
 // -- signing in and out --------------------------------------------------------------
 
 // Someone signed in (or no account exists): show what the location names.
@@ -307,6 +366,9 @@ function reset() {
   epoch += 1;
   if (current) leave(current);
   current = null;
+  replay.close();
+  showLive();
+  seen.open(null);
   rowsById = new Map();
   ui.list.replaceChildren();
   messageList.clear();
@@ -337,5 +399,6 @@ ui.text.addEventListener("keydown", (event) => {
 });
 ui.stop.addEventListener("click", stop);
 ui.newChat.addEventListener("click", newChat);
+ui.replayOpen.addEventListener("click", startReplay);
 window.addEventListener("hashchange", route);
 household.start();
