@@ -363,10 +363,11 @@ async def raw_log(request: web.Request) -> web.StreamResponse:
     end = log.committed
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     response.content_length = end
-    await response.prepare(request)
     if request.method == "HEAD":
+        await response.prepare(request)
         return response  # the headers only: a HEAD response has no body
-    async with audited(request, 0, read="log") as receipt:
+    async with audited(request, 0, read="log") as receipt:  # before even the headers
+        await response.prepare(request)
         position = 0
         while position < end:
             block = await log.read(position, min(end, position + (1 << 20)))

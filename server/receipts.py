@@ -111,6 +111,22 @@ class Deliveries:
                 logger.exception("delivered receipts")
 
 
+_CLOSING: set[asyncio.Task[None]] = set()  # closes of reads whose client left early
+
+
+def _close_unsent(
+    audit: AuditLogs, conversation_id: str, start: int, done: asyncio.Future[str]
+) -> None:
+    if done.cancelled() or done.exception() is not None:
+        return
+    task = asyncio.ensure_future(
+        audit.closed(conversation_id, done.result(), to=start, reason="client_left")
+    )
+    _CLOSING.add(task)
+    task.add_done_callback(_CLOSING.discard)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
 @contextlib.asynccontextmanager
 async def audited(
     request: web.Request,
@@ -140,10 +156,18 @@ async def audited(
     if audit.store.read_only and owner:
         yield Receipt(conversation_id, None, viewer, start)
         return
-    try:
-        conn = await audit.opened(
+    opening = asyncio.ensure_future(
+        audit.opened(
             conversation_id, viewer=viewer, client=client_id(request), start=start, read=read
         )
+    )
+    try:
+        conn = await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        # The client left while the open commits: it still commits; close it then, with
+        # nothing sent, so no open is left looking like a crash.
+        opening.add_done_callback(lambda done: _close_unsent(audit, conversation_id, start, done))
+        raise
     except (OSError, LogError) as exc:
         logger.error("audit log of %s: cannot record a read: %s", conversation_id, exc)
         if owner:
