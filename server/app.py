@@ -32,6 +32,7 @@ from .admission import ClientRate, StreamSlots
 from .api import routes, unpin_logs
 from .budgets import Budgets
 from .errors import json_errors
+from .export_api import routes as export_routes
 from .generation import Replies
 from .keys import (
     AUDIT,
@@ -156,6 +157,7 @@ def init_app(
     app[CREATE_RATE] = ClientRate(settings.creates_per_minute, what="conversations")
     app.add_routes(routes)
     app.add_routes(login_routes)
+    app.add_routes(export_routes)
     app.router.add_get("/", _index)
     app.router.add_get("/static/{path:.+}", _static)
     edge.install(app, settings)  # Host, same origin, JSON bodies; headers of every answer

@@ -275,13 +275,15 @@ def import_command(
 
 
 def _counts(messages: int, edits: int, regenerations: int, skipped: Counter[str]) -> str:
-    branches = edits + regenerations
-    text = f"{messages} message{'' if messages == 1 else 's'}, {branches} branches"
-    if branches:
-        text += f" ({edits} edited questions, {regenerations} other answers)"
+    def many(count: int, what: str, plural: str = "s") -> str:
+        return f"{count} {what}{'' if count == 1 else plural}"
+
+    text = f"{many(messages, 'message')}, {many(edits + regenerations, 'branch', 'es')}"
+    if edits + regenerations:
+        text += f" ({many(edits, 'edited question')}, {many(regenerations, 'other answer')})"
     if skipped:
         reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items()))
-        text += f"; skipped {sum(skipped.values())} nodes: {reasons}"
+        text += f"; skipped {many(sum(skipped.values()), 'node')}: {reasons}"
     else:
         text += "; skipped none"
     return text

@@ -327,6 +327,7 @@ async def test_finding_4_head_never_sends_a_body_on_any_get_route(make_client):
         "/api/conversations/{conversation_id}",
         "/api/conversations/{conversation_id}/audit",
         "/api/conversations/{conversation_id}/events",
+        "/api/conversations/{conversation_id}/export",
         "/api/conversations/{conversation_id}/log",
         "/static/{path}",
     }

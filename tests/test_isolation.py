@@ -68,6 +68,7 @@ class Route:
     headers: tuple[tuple[str, str], ...] = ()
     body: dict[str, Any] | None = None
     owner: tuple[int, str | None] = (200, None)
+    query: tuple[tuple[str, str], ...] = ()
 
     def path(self, conversation_id: str) -> str:
         return self.resource.replace("{conversation_id}", conversation_id)
@@ -89,6 +90,8 @@ ROUTES: tuple[Route, ...] = (
     Route("log", "GET", CONVERSATION + "/log"),
     Route("head_log", "HEAD", CONVERSATION + "/log"),
     Route("audit", "GET", CONVERSATION + "/audit"),
+    Route("export_jsonl", "GET", CONVERSATION + "/export", query=(("format", "jsonl"),)),
+    Route("export_html", "GET", CONVERSATION + "/export", query=(("format", "html"),)),
     Route("head_audit", "HEAD", CONVERSATION + "/audit"),
     Route(
         "post_message",
@@ -437,7 +440,7 @@ async def ask_route(
         route.method,
         route.path(conversation_id),
         world.cookie(subject),
-        params={"limit": "1", "before": before} if route.paged else None,
+        params={"limit": "1", "before": before} if route.paged else (dict(route.query) or None),
         headers=route.headers,
         body=route.body,
         sse=route.sse,
