@@ -289,23 +289,44 @@ function showFailed() {
 
 // -- actions -------------------------------------------------------------------------
 
+// With no conversation open, the first message makes one (as "+ New chat" does), is sent
+// to it, and the new conversation is then opened as if it had been picked.
 async function send(event) {
   event.preventDefault();
   const text = ui.text.value;
-  if (!current || !text.trim() || ui.send.disabled) return;
+  if (!started || !text.trim() || ui.send.disabled) return;
   ui.send.disabled = true;
   const asked = epoch;
+  let created = null;
   try {
-    await api.sendMessage(current.id, text);
+    if (!current) created = (await api.createConversation()).id;
+    if (asked !== epoch) return;
+    await api.sendMessage(created ?? current.id, text);
     if (asked !== epoch) return;
     ui.text.value = "";
+    if (created) openCreated(created);
     showError(ui.error, "");
   } catch (error) {
     if (asked !== epoch) return;
+    if (created) openCreated(created); // made, but the message was refused: kept to retry
     showError(ui.error, error.message);
     ui.send.disabled = false;
   }
   household.refreshBudget(); // one message fewer left; or, refused, what is left
+}
+
+// Open a conversation just made here: at its location, at once (the hashchange that
+// follows finds it open already).
+function openCreated(id) {
+  location.hash = `#/c/${id}`;
+  route();
+}
+
+// No conversation open: the composer is ready for a first message (see `send`).
+function composeFirst() {
+  ui.text.disabled = false;
+  ui.send.disabled = false;
+  ui.stop.hidden = true;
 }
 
 async function stop() {
@@ -389,6 +410,7 @@ function route() {
   if (match) {
     if (!current || current.id !== match[1]) open(match[1]);
   } else {
+    if (!current) composeFirst();
     refreshList();
   }
 }

@@ -1,9 +1,13 @@
 // Rendering: a folded view (fold.js) into the page's elements. No network calls, no state
-// but the DOM nodes it made. Text is always inserted as text, never as HTML. A streaming
-// reply is rendered by appending each new piece to the text node already on the page, so a
-// reply of n characters costs O(n) in all, not O(n) per chunk.
+// but the DOM nodes it made. A message's text, exactly as the log has it, is kept in one
+// text node (`.text`), appended to as a reply streams, so keeping it costs O(n) in all.
+// User text is shown as that text. Model text is shown as Markdown (markdown.js: rendered
+// and sanitized) in a `.markdown` element next to it, the `.text` one then hidden: a
+// streaming reply is re-rendered at most once per animation frame, however many chunks
+// the frame brought. The live view and the replay (replay.js) both draw through here.
 
 import { isOpen } from "./fold.js";
+import { copyCode, createMarkdownView } from "./markdown.js";
 
 /**
  * What one message's element shows of it.
@@ -12,6 +16,9 @@ import { isOpen } from "./fold.js";
  * @property {HTMLElement} body its <div class="text">
  * @property {HTMLElement} meta its <span class="meta"> (finish, token count)
  * @property {Text} text the text node inside `body` that the message's text goes into
+ * @property {HTMLElement|null} markdown its <div class="markdown"> (model text), else null
+ * @property {{draw: (text: string) => void}|null} view what draws into `markdown`
+ * @property {boolean} drawn whether `markdown` shows `text` as it stands
  * @property {object} message the folded message last rendered here
  * @property {number} shown how many UTF-16 code units of `message.text` `text` holds
  */
@@ -42,6 +49,25 @@ export function createMessageList(container) {
   top.hidden = true;
   /** While changes of this frame are rendered: whether the list is to stay at the bottom. */
   let stick = null;
+  /** Entries whose Markdown is to be drawn anew in the next frame. */
+  const stale = new Set();
+  /** The next frame's callback, once asked for. */
+  let frame = 0;
+  container.addEventListener("click", copyCode);
+
+  // Once per frame: the Markdown of the replies that changed, then the scroll to the
+  // bottom if the list was there (after the text grew, so it really is the bottom).
+  function nextFrame() {
+    frame = 0;
+    for (const entry of stale) draw(entry);
+    stale.clear();
+    if (stick) container.scrollTop = container.scrollHeight;
+    stick = null;
+  }
+
+  function schedule() {
+    if (!frame) frame = requestAnimationFrame(nextFrame);
+  }
 
   function build(message) {
     const node = document.createElement("article");
@@ -52,19 +78,39 @@ export function createMessageList(container) {
     body.append(text);
     const meta = document.createElement("span");
     meta.className = "meta";
-    node.append(body, meta);
-    const entry = { node, body, meta, text, message, shown: 0 };
+    let markdown = null;
+    if (message.role === "assistant") {
+      markdown = document.createElement("div");
+      markdown.className = "markdown";
+      body.hidden = true;
+      node.append(body, markdown, meta);
+    } else {
+      node.append(body, meta);
+    }
+    const view = markdown && createMarkdownView(markdown);
+    const entry = { node, body, meta, text, message, shown: 0, markdown, view, drawn: true };
     entries.set(message.id, entry);
     return entry;
   }
 
-  function update(view, entry, message, failed) {
-    renderText(entry, message);
+  // `now`: draw the Markdown at once (a page shown or prepended), else in the next frame.
+  function update(view, entry, message, failed, now = true) {
+    if (renderText(entry, message)) entry.drawn = false;
+    if (entry.markdown && !entry.drawn) {
+      if (now) {
+        stale.delete(entry);
+        draw(entry);
+      } else {
+        stale.add(entry);
+        schedule();
+      }
+    }
     renderStatus(entry, message, isOpen(view, message.id), failed);
   }
 
   function clear() {
     entries.clear();
+    stale.clear();
     top.hidden = true;
     container.replaceChildren(top);
   }
@@ -91,17 +137,14 @@ export function createMessageList(container) {
       // records (a stream catching up) costs one layout a frame, not one per record.
       if (stick === null) {
         stick = container.scrollHeight - container.scrollTop - container.clientHeight < 80;
-        requestAnimationFrame(() => {
-          if (stick) container.scrollTop = container.scrollHeight;
-          stick = null;
-        });
+        schedule();
       }
       let entry = entries.get(changed.id);
       if (!entry) {
         entry = build(changed);
         container.append(entry.node);
       }
-      update(view, entry, changed, failed);
+      update(view, entry, changed, failed, false);
     },
     prepend(view, older, { failed = false, more = false } = {}) {
       // What is on screen stays put: the list grows above it by exactly the height added
@@ -131,21 +174,37 @@ export function createMessageList(container) {
  * Should the text not have grown from what is shown (another message under the same id),
  * the node's text is replaced once.
  *
- * Markdown hook: model text (`message.role === "assistant"`) is to be rendered as Markdown
- * through a sanitizer here (DESIGN.md "The page"), e.g. by re-rendering only the last open
- * block as chunks arrive. Until then it is plain text like user text, which stays text.
  * @param {Entry} entry
  * @param {{text: string}} message
+ * @returns {boolean} whether the text changed
  */
 function renderText(entry, message) {
   const text = message.text ?? "";
+  let changed = false;
   if (entry.message !== message || text.length < entry.shown) {
     entry.message = message;
-    entry.text.data = text;
+    changed = entry.text.data !== text;
+    if (changed) entry.text.data = text;
   } else if (text.length > entry.shown) {
     entry.text.appendData(text.slice(entry.shown));
+    changed = true;
   }
   entry.shown = text.length;
+  return changed;
+}
+
+/**
+ * Show a model message's text, as it stands, as Markdown (markdown.js: its last blocks
+ * rendered and sanitized anew), so what a reply shows mid-stream is what the same text
+ * shows once it ended, and on reload. Announced on `document` as `chatledger:drawn`
+ * (detail: {id}): what a test counts.
+ * @param {Entry} entry
+ */
+function draw(entry) {
+  entry.view.draw(entry.text.data);
+  entry.drawn = true;
+  const detail = { id: entry.message.id };
+  document.dispatchEvent(new CustomEvent("chatledger:drawn", { detail }));
 }
 
 function renderStatus(entry, message, open, failed) {
