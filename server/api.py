@@ -8,6 +8,7 @@ checked before any file is touched.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -169,10 +170,13 @@ async def list_conversations(request: web.Request) -> web.Response:
     viewer = viewer_of(request)
     state = request.app[SESSIONS].state
     out = []
+    seen = []
     for r in rows:
         allowed = access(viewer, r.owner, state)
         if allowed is None:
             continue
+        if allowed is Access.GUARDIAN:
+            seen.append(r.id)
         owner = state.accounts.get(owner_of(r.owner, state) or "")
         out.append(
             {
@@ -186,7 +190,32 @@ async def list_conversations(request: web.Request) -> web.Response:
                 "owner": owner.name if owner is not None else None,
             }
         )
+    if seen:
+        # A child's title is its first line: a guardian sees it only on the record
+        # (an open and a close per conversation, read "title"); one that cannot be
+        # recorded is listed with its title hidden.
+        hidden = await _record_titles(request, viewer.id, seen)
+        for row in out:
+            if row["id"] in hidden:
+                row["title"], row["title_hidden"] = "", True
     return _json(out)
+
+
+async def _record_titles(request: web.Request, viewer: str, ids: list[str]) -> set[str]:
+    audit = request.app[AUDIT]
+    client = client_id(request)
+
+    async def record(conversation_id: str) -> None:
+        conn = await audit.opened(
+            conversation_id, viewer=viewer, client=client, start=0, read="title"
+        )
+        await audit.closed(conversation_id, conn, to=0, reason="end")
+
+    results = await asyncio.gather(*(record(i) for i in ids), return_exceptions=True)
+    failed = {i for i, result in zip(ids, results, strict=True) if isinstance(result, Exception)}
+    for conversation_id in failed:
+        logger.error("audit log of %s: cannot record a listed title", conversation_id)
+    return failed
 
 
 @routes.post("/api/conversations")
@@ -231,11 +260,15 @@ async def get_conversation(request: web.Request) -> web.Response:
     before = request.query.get("before")
     log = await conversation_log(request)
     view = await log.view()
-    if request.method == "HEAD":
+    if request.method == "HEAD" and request[ACCESS] is Access.OWNER:
         return _page(request, log, view, limit, before)
-    async with audited(request, 0, read="view") as receipt:  # before the page is made
+    # A guardian's HEAD is a read too: its Content-Length tells how much a child wrote.
+    read = "head" if request.method == "HEAD" else "view"
+    async with audited(request, 0, read=read) as receipt:  # before the page is made
         response = _page(request, log, view, limit, before)
-        receipt.to = log.committed  # the page is folded from [0, offset)
+        await response.prepare(request)
+        await response.write_eof()  # sent (to the transport) before the close says so
+        receipt.to = response[_PAGE_OFFSET] if read == "view" else 0
     return response
 
 
@@ -250,7 +283,7 @@ def _page(
             400, "unknown_message", "'before' is no message of this conversation"
         ) from None
     conversation_id = request.match_info["conversation_id"]
-    return _json(
+    response = _json(
         {
             **_info(conversation_id, log, request.app[REPLIES]),
             "messages": page,
@@ -258,6 +291,12 @@ def _page(
             "offset": offset,
         }
     )
+    response[_PAGE_OFFSET] = offset
+    return response
+
+
+_PAGE_OFFSET = web.ResponseKey("page_offset", int)
+"""The committed offset a page of the conversation reflects (what its receipt says)."""
 
 
 PAGE_LIMIT = 50
@@ -364,8 +403,13 @@ async def raw_log(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     response.content_length = end
     if request.method == "HEAD":
-        await response.prepare(request)
-        return response  # the headers only: a HEAD response has no body
+        if request[ACCESS] is Access.OWNER:
+            await response.prepare(request)
+            return response  # the headers only: a HEAD response has no body
+        async with audited(request, 0, read="head") as receipt:  # its length is a read
+            await response.prepare(request)
+            receipt.to = 0
+        return response
     async with audited(request, 0, read="log") as receipt:  # before even the headers
         await response.prepare(request)
         position = 0

@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ProviderError, ValueError, OSError, CorruptLogError) as exc:  # SealKeyError too
         print(f"chatledger: {exc}", file=sys.stderr)
         return 2
-    if not app[SESSIONS].enabled and not is_loopback(settings.host):
+    if not app[SESSIONS].state.active() and not is_loopback(settings.host):
         print(
             f"chatledger: refusing to listen on {settings.host} with no account: anyone who"
             " reaches it could read and write every conversation. Add one first:\n"

@@ -31,6 +31,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import copy
 import ipaddress
 import logging
 import math
@@ -236,17 +237,22 @@ class Sessions:
         self.clock = clock
         self._lock = asyncio.Lock()  # one household call at a time (it is not thread-safe)
         self._watchers: dict[str, set[Callable[[], None]]] = {}
+        self._state = copy.deepcopy(household.state)
 
     # -- state ----------------------------------------------------------------------------
 
     @property
     def state(self) -> HouseholdState:
-        return self.household.state
+        """The household as last folded: a snapshot the event loop owns (the household log
+        folds on a worker thread, into its own copy, swapped in after each call)."""
+        return self._state
 
     @property
     def enabled(self) -> bool:
-        """Whether any active account exists (else single-person mode)."""
-        return any(not a.removed for a in self.state.accounts.values())
+        """Whether accounts are on: an active account exists, or one ever did (removing
+        the last account never brings back single-person mode, where whoever reaches
+        the server owns every conversation)."""
+        return bool(self.state.accounts)
 
     def viewer(self, session_id: str | None) -> Viewer | None:
         """The viewer of a cookie's session id: :data:`LOCAL` in single-person mode;
@@ -265,6 +271,19 @@ class Sessions:
             return None
         return Viewer(id=account.id, name=account.name, role=account.role, session=key)
 
+    def live(self, viewer: Viewer) -> bool:
+        """Whether ``viewer`` is still who it was: its session is live and its account
+        active; for :data:`LOCAL`, single-person mode still holds."""
+        if viewer.local:
+            return not self.enabled and self.local_allowed
+        account = self.state.accounts.get(viewer.id)
+        return (
+            viewer.session is not None
+            and viewer.session in self.state.sessions
+            and account is not None
+            and not account.removed
+        )
+
     def account(self, account_id: str) -> Account | None:
         return self.state.accounts.get(account_id)
 
@@ -274,6 +293,7 @@ class Sessions:
             try:
                 return await asyncio.to_thread(function, *args)
             finally:
+                self._state = copy.deepcopy(self.household.state)  # on the loop, whole
                 ended = before - set(self.state.sessions)
                 if self.enabled and not had_accounts:
                     ended.add(_LOCAL_KEY)  # the first account: single-person mode is over
@@ -318,8 +338,8 @@ class Sessions:
         if not ok or account is None:
             raise BadCredentialsError(name)
         try:
-            session_id = await self._call(self.household.start_session, account.id, client)
-        except AccountError:  # removed while its password was being checked
+            session_id = await self._call(self.household.start_session, account.id, client, phc)
+        except AccountError:  # removed, or a new password, while this one was checked
             raise BadCredentialsError(name) from None
         assert isinstance(session_id, str)
         return account, session_id
@@ -340,6 +360,9 @@ class Sessions:
             yield
             return
         self._watchers.setdefault(key, set()).add(on_end)
+        if not self.live(viewer):  # it ended while the request was on its way here
+            self._watchers[key].discard(on_end)
+            on_end()
         try:
             yield
         finally:

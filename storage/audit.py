@@ -35,6 +35,7 @@ Readers skip types they do not know.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from . import records
@@ -128,6 +129,10 @@ class AuditLogs:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        # At most as many appends at once as the store keeps logs open: each pins its log
+        # while it commits, and 900 streams closing at once must not take 900 logs'
+        # file descriptors from everything else (they wait their turn instead).
+        self._slots = asyncio.Semaphore(store.max_open)
 
     async def _log(self, conversation_id: str) -> ConversationLog:
         """The audit log of ``conversation_id``, created on first use.
@@ -169,12 +174,13 @@ class AuditLogs:
         return conn
 
     async def _append(self, conversation_id: str, record: records.Record) -> None:
-        log = await self._log(conversation_id)
-        log.pin()
-        try:
-            await log.append(record)
-        finally:
-            log.unpin()
+        async with self._slots:
+            log = await self._log(conversation_id)
+            log.pin()
+            try:
+                await log.append(record)
+            finally:
+                log.unpin()
 
     async def delivered(self, conversation_id: str, conn: str, *, to: int) -> None:
         """Append a ``delivered`` record (``[from, to)`` was written to ``conn``) and wait

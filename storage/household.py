@@ -417,11 +417,12 @@ class Household:
             },
         )
 
-    def start_session(self, account_id: str, client: str) -> str:
+    def start_session(self, account_id: str, client: str, verified: str | None = None) -> str:
         """A new session for an active account: returns the session id (to put in the
-        cookie); the log keeps only its :func:`session_key`.
+        cookie); the log keeps only its :func:`session_key`. ``verified``: the password
+        hash the login checked, which must still be the account's.
 
-        :raises AccountError: the account was removed meanwhile.
+        :raises AccountError: the account was removed, or got a new password, meanwhile.
         """
         session_id = new_id() + new_id()  # 192 bits
 
@@ -429,6 +430,8 @@ class Household:
             account = state.accounts.get(account_id)
             if account is None or account.removed:
                 raise AccountError("the account was removed")
+            if verified is not None and account.hash != verified:
+                raise AccountError("the password changed while it was checked")
             return [
                 {
                     "type": "session",

@@ -210,7 +210,10 @@ class ConversationLog:
         if opened.fd is None:
             return log
         found = opened.scan
-        log._attach(opened.fd, commit, Sealer(seal_key, found.hashed, found.end, found.sealed_at))
+        sealer = Sealer(seal_key, found.hashed, found.end, found.sealed_at)
+        if 0 < found.sealed_at < found.end:
+            sealer.recovered = (found.sealed_at, found.end)  # named by the next seal
+        log._attach(opened.fd, commit, sealer)
         for reply_id in list(opened.scan.summary.open_replies):
             try:
                 await log.append(records.end(reply_id=reply_id, finish="interrupted"))

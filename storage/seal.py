@@ -1,12 +1,13 @@
 """Seals: tamper evidence for a log's bytes (DESIGN.md "Seals").
 
-A ``seal`` record ``{"type": "seal", "ts", "upto", "sha256", "hmac"?}`` says: the SHA-256
-of the log's bytes ``[0, upto)`` is ``sha256`` (hex), where ``upto`` is the seal's own
-start offset. With a key, ``hmac`` is HMAC-SHA-256(key, the 32-byte digest), hex: without
-the key nobody can cut a log and append a seal that matches (a plain SHA-256 anyone can
-recompute). The writer appends a seal after every reply's ``end`` and whenever
-:data:`SEAL_EVERY` bytes were appended since the last one, from a hash it keeps
-incrementally as it queues records (:class:`Sealer`); it never re-reads the file.
+A ``seal`` record ``{"type": "seal", "ts", "upto", "sha256", "hmac"?, "recovered"?}``
+says: the SHA-256 of the log's bytes ``[0, upto)`` is ``sha256`` (hex), where ``upto``
+is the seal's own start offset. With a key, ``hmac`` is HMAC-SHA-256(key, the 32-byte
+digest), hex: without the key nobody can cut a log and append a seal that matches (a
+plain SHA-256 anyone can recompute). The writer appends a seal after every reply's
+``end`` and whenever :data:`SEAL_EVERY` bytes were appended since the last one, from a
+hash it keeps incrementally as it queues records (:class:`Sealer`); it never re-reads
+the file.
 
 Worked example: a log whose first two records take 120 bytes gets, after its reply's
 ``end`` at bytes ``[120, 200)``, a seal at offset 200::
@@ -15,7 +16,10 @@ Worked example: a log whose first two records take 120 bytes gets, after its rep
 
 and the next seal's ``sha256`` covers everything before it, this seal included.
 ``chatledger verify`` recomputes each (:class:`SealCheck`), and names the first seal that
-no longer matches: some byte in ``[previous good seal, that seal)`` changed.
+no longer matches: some byte in ``[previous good seal, that seal)`` changed. Bytes that
+an open finds after the last seal of a sealed log were never vouched for as written (a
+crash left them, or someone appended them): the next seal carries ``recovered: [from,
+to)``, and verify reports that range as sealed only at recovery.
 
 A key file (``--seal-key FILE``) holds at least :data:`MIN_KEY_BYTES` bytes of secret; it
 must live outside the data dir (a copy of the data dir must not carry its own key).
@@ -98,7 +102,7 @@ class Sealer:
     :param sealed_at: the offset just after the last seal (0: none yet).
     """
 
-    __slots__ = ("_hash", "key", "sealed_at", "size")
+    __slots__ = ("_hash", "key", "recovered", "sealed_at", "size")
 
     def __init__(
         self, key: bytes | None, hashed: Any = None, size: int = 0, sealed_at: int = 0
@@ -107,6 +111,10 @@ class Sealer:
         self._hash = hashed if hashed is not None else hashlib.sha256()
         self.size = size
         self.sealed_at = sealed_at
+        self.recovered: tuple[int, int] | None = None
+        """Bytes ``[from, to)`` an open found after the last seal of a sealed log (a
+        crash, or an edit): the next seal names them, so it vouches for them only as
+        found then, not as written."""
 
     def hashed(self) -> Any:
         """A copy of the running hash (a ``hashlib`` object) of the bytes so far."""
@@ -124,6 +132,9 @@ class Sealer:
     def seal(self) -> tuple[records.Record, bytes]:
         """The seal of everything hashed, and its line, itself hashed."""
         record = seal_record(self.size, self._hash.digest(), self.key)
+        if self.recovered is not None:
+            record["recovered"] = list(self.recovered)
+            self.recovered = None
         line = records.encode(record)
         self.update(line)
         self.sealed_at = self.size
@@ -165,6 +176,9 @@ class SealCheck:
     first_bad: int | None = None
     reason: str = ""
     offsets: list[int] = field(default_factory=list)
+    recovered: list[tuple[int, tuple[int, int]]] = field(default_factory=list)
+    """``(seal offset, (from, to))`` of each matching seal that names bytes it vouches
+    for only as recovered."""
 
     def __post_init__(self) -> None:
         self._hash = hashlib.sha256()
@@ -199,6 +213,9 @@ class SealCheck:
         self._last_start = self._size
         self.sealed = self._size + length
         self.seals += 1
+        span = record.get("recovered")
+        if isinstance(span, list) and len(span) == 2 and all(isinstance(v, int) for v in span):
+            self.recovered.append((self._size, (span[0], span[1])))
 
     def stream(self, stream: Any, block: int = 4 << 20) -> None:
         """Check every seal of a log file read from ``stream`` (from offset 0): the bytes

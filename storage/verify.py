@@ -206,6 +206,22 @@ def verify_log(
         problems.append(f"byte {odd[0]}: a seal not in the form the writer writes")
     if seals.first_bad is not None:
         problems.append(seals.reason)
+    for at, (start, to) in seals.recovered:
+        report.warnings.append(
+            f"byte {at}: this seal vouches for bytes [{start}, {to}) only as an open found"
+            " them after the last seal (a crash left them, or they were appended)"
+        )
+    if (
+        seals.seals
+        and seals.first_bad is None
+        and end > seals.sealed
+        and last_end <= seals.sealed
+        and not writer_running
+    ):
+        report.warnings.append(
+            f"bytes [{seals.sealed}, {end}) follow the last seal: no seal vouches for them"
+            " (the next open seals them as found)"
+        )
     elif seals.seals and last_end > seals.sealed and not writer_running:
         # The writer seals every end in the same write: an end with no seal after it was
         # cut there (a crash: then its seal is the torn tail) or had its seal removed.

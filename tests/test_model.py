@@ -98,8 +98,9 @@ def check_reply(reader, log: bytes) -> dict:
     assert end["finish"] in ("stop", "length"), end
     # every event shown is the log, byte for byte, and ids are the offsets after each record
     shown = b"".join(e.data.encode() + b"\n" for e in reader.events)
-    assert log.endswith(shown)
-    assert int(reader.events[-1].id) == len(log)
+    sealed = log.rindex(b'{"type":"seal"')  # the reply's stream ends at its end; its seal follows
+    assert log[:sealed].endswith(shown)
+    assert int(reader.events[-1].id) == sealed
     return end
 
 
@@ -282,8 +283,8 @@ async def test_a_prompt_past_the_window_says_it_does_not_fit(make_client, llama_
     assert response.status == 202
     await wait_idle(client, conversation_id, limit_s=120)
     log = await (await client.get(f"/api/conversations/{conversation_id}/log")).read()
-    end = records.decode(log.splitlines()[-1])
-    assert end["finish"] == "error"
+    *_, end, seal = map(records.decode, log.splitlines())
+    assert seal["type"] == "seal" and end["finish"] == "error"
     assert end["error"].startswith("the prompt does not fit the model's context: "), end
     assert "1024" in end["error"]
 

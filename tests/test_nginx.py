@@ -332,9 +332,15 @@ async def test_events_pass_through_nginx_one_by_one_while_the_reply_runs(
         # was not committed: chunks arrive one by one, not all at the end.
         assert seen["running"] == reply_id
         assert not has_end_of(log_then, reply_id)
-        assert [e.event for e in reader.events] == ["user", "start", *["chunk"] * 40, "end"]
-        assert b"".join(e.data.encode() + b"\n" for e in reader.events) == log[offset:]
-        assert int(reader.events[-1].id) == len(log)
+        # the reply's own stream ends at its end; the events stream also gets the seal
+        kinds = [e.event for e in reader.events]
+        assert kinds in (
+            ["user", "start", *["chunk"] * 40, "end"],
+            ["user", "start", *["chunk"] * 40, "end", "seal"],
+        )
+        last = int(reader.events[-1].id)
+        assert b"".join(e.data.encode() + b"\n" for e in reader.events) == log[offset:last]
+        assert last == (len(log) if kinds[-1] == "seal" else log.rindex(b'{"type":"seal"'))
 
 
 # README's proxy_read_timeout is 1h, too long to wait out in a test. The keep-alive tests
@@ -376,7 +382,8 @@ async def test_keepalives_hold_an_idle_stream_open_past_proxy_read_timeout(chatl
             await asyncio.wait_for(read_events(stream, reader, until=is_end_of(reply_id)), 20)
         log = await read_log(http, server.url, cid)
     assert [e.event for e in reader.events] == ["conversation", "user", "start"] + ["chunk"] * 5 + [
-        "end"
+        "end",
+        "seal",
     ]
     assert b"".join(e.data.encode() + b"\n" for e in reader.events) == log
     assert "upstream timed out" not in nginx.error_log()
@@ -441,4 +448,5 @@ async def test_resume_through_nginx_has_no_gap_and_no_duplicate(chatledger, prox
     assert ids == sorted(set(ids))
     assert ids[-1] == len(log)
     assert int(rest.events[0].id) > last_id
-    assert records.decode(rest.events[-1].data.encode())["finish"] == "stop"
+    assert rest.events[-1].event == "seal"  # after the reply's end
+    assert records.decode(rest.events[-2].data.encode())["finish"] == "stop"
