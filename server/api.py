@@ -242,6 +242,10 @@ async def create_conversation(request: web.Request) -> web.Response:
                 logger.error("cannot create a conversation: %s", exc)
                 raise
     conversation_id = log.summary.conversation_id or ""
+    try:  # its audit log too, so that a read only appends (a stream's start costs no create)
+        await request.app[AUDIT].prepare(conversation_id)
+    except (OSError, LogError) as exc:
+        logger.error("audit log of %s: cannot be created yet: %s", conversation_id, exc)
     return _json(_info(conversation_id, log, request.app[REPLIES]), status=201)
 
 

@@ -35,7 +35,6 @@ Readers skip types they do not know.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 
 from . import records
@@ -129,10 +128,11 @@ class AuditLogs:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        # At most as many appends at once as the store keeps logs open: each pins its log
-        # while it commits, and 900 streams closing at once must not take 900 logs'
-        # file descriptors from everything else (they wait their turn instead).
-        self._slots = asyncio.Semaphore(store.max_open)
+        # The audit log of each read, pinned (kept open) from its open to its close: its
+        # receipts and its close append to an open log, never reopening one the store
+        # closed as idle (1,000 live streams would churn the store's bound on open logs
+        # at every receipt), and a burst of closes opens nothing.
+        self._held: dict[str, ConversationLog] = {}
 
     async def _log(self, conversation_id: str) -> ConversationLog:
         """The audit log of ``conversation_id``, created on first use.
@@ -148,6 +148,14 @@ class AuditLogs:
             except FileExistsError:  # created meanwhile by another read
                 return await self.store.open(conversation_id)
 
+    async def prepare(self, conversation_id: str) -> None:
+        """Create the audit log of a new conversation now, with it (a file and a directory
+        sync), so that its first read only appends.
+
+        :raises OSError, storage.LogError: it could not be created.
+        """
+        await self._log(conversation_id)
+
     async def opened(
         self, conversation_id: str, *, viewer: str, client: str, start: int, read: str = ""
     ) -> str:
@@ -159,28 +167,42 @@ class AuditLogs:
             nothing.
         """
         conn = new_id()
-        await self._append(
-            conversation_id,
-            {
-                "type": "open",
-                "ts": records.now_ms(),
-                "conn": conn,
-                "viewer": viewer,
-                "client": client,
-                "from": start,
-                "read": read,
-            },
-        )
+        log = await self._log(conversation_id)
+        log.pin()
+        self._held[conn] = log
+        try:
+            await log.append(
+                {
+                    "type": "open",
+                    "ts": records.now_ms(),
+                    "conn": conn,
+                    "viewer": viewer,
+                    "client": client,
+                    "from": start,
+                    "read": read,
+                }
+            )
+        except BaseException:
+            self._release(conn)
+            raise
         return conn
 
+    def _release(self, conn: str) -> None:
+        log = self._held.pop(conn, None)
+        if log is not None:
+            log.unpin()
+
     async def _append(self, conversation_id: str, record: records.Record) -> None:
-        async with self._slots:
-            log = await self._log(conversation_id)
-            log.pin()
-            try:
-                await log.append(record)
-            finally:
-                log.unpin()
+        held = self._held.get(record.get("conn") or "")
+        if held is not None and not held.closed:
+            await held.append(record)
+            return
+        log = await self._log(conversation_id)
+        log.pin()
+        try:
+            await log.append(record)
+        finally:
+            log.unpin()
 
     async def delivered(self, conversation_id: str, conn: str, *, to: int) -> None:
         """Append a ``delivered`` record (``[from, to)`` was written to ``conn``) and wait
@@ -212,10 +234,13 @@ class AuditLogs:
 
         :raises OSError, storage.LogError: it could not be committed.
         """
-        await self._append(
-            conversation_id,
-            {"type": "close", "ts": records.now_ms(), "conn": conn, "to": to, "reason": reason},
-        )
+        try:
+            await self._append(
+                conversation_id,
+                {"type": "close", "ts": records.now_ms(), "conn": conn, "to": to, "reason": reason},
+            )
+        finally:
+            self._release(conn)
 
     async def reads(self, conversation_id: str) -> tuple[list[Read], list[Seen]]:
         """Every read of ``conversation_id`` the audit log holds, oldest first, and every
