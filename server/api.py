@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import orjson
@@ -362,18 +361,14 @@ async def _send(
     message counted in the same step, and given back if it was not sent."""
     replies = request.app[REPLIES]
     account = request.app[SESSIONS].account(by) if by is not None else None
-    budget = request.app[BUDGETS].admit(account) if account is not None else _no_budget()
+    budget = (
+        request.app[BUDGETS].admit(account) if account is not None else contextlib.nullcontext()
+    )
     try:
         async with budget:
             return await replies.send(conversation_id, log, text, by=by)
     except BudgetExceededError as exc:
-        raise ApiError(
-            429,
-            "budget_exceeded",
-            str(exc),
-            headers={"Retry-After": str(exc.retry_after)},
-            retry_after=exc.retry_after,
-        ) from None
+        raise ApiError.retry_later("budget_exceeded", str(exc), exc.retry_after) from None
     except ReplyRunningError:
         raise ApiError(
             409,
@@ -381,11 +376,6 @@ async def _send(
             "a reply is already running in this conversation",
             reply_id=replies.running(conversation_id),
         ) from None
-
-
-@contextlib.asynccontextmanager
-async def _no_budget() -> AsyncIterator[None]:
-    yield
 
 
 @routes.post("/api/conversations/{conversation_id}/stop")

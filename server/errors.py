@@ -82,6 +82,18 @@ class ApiError(Exception):
         self.close = close
         self.extra = extra
 
+    @classmethod
+    def retry_later(cls, code: str, message: str, retry_after: int) -> ApiError:
+        """A ``429`` that says when to try again: a ``Retry-After`` header (RFC 9110
+        §10.2.3, seconds) and the same ``retry_after`` in the body."""
+        return cls(
+            429,
+            code,
+            message,
+            headers={"Retry-After": str(retry_after)},
+            retry_after=retry_after,
+        )
+
     def response(self) -> web.Response:
         """The answer: ``application/json`` with ``error``, ``message`` and the extra fields."""
         response = _json_response(

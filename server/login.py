@@ -86,13 +86,7 @@ async def login(request: web.Request) -> web.Response:
     try:
         account, session_id = await sessions.login(name, password, client_id(request))
     except ThrottledError as exc:
-        raise ApiError(
-            429,
-            "login_throttled",
-            str(exc),
-            headers={"Retry-After": str(exc.retry_after)},
-            retry_after=exc.retry_after,
-        ) from None
+        raise ApiError.retry_later("login_throttled", str(exc), exc.retry_after) from None
     except BadCredentialsError:
         raise ApiError(401, "bad_credentials", "that name and password do not match") from None
     old = request.get(VIEWER)
