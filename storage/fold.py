@@ -45,6 +45,8 @@ class Summary:
     updated: int = 0
     records: int = 0
     user_messages: int = 0
+    archived: bool = False
+    """Whether the latest of ``archive`` / ``unarchive`` is an ``archive``."""
     open_replies: dict[str, int] = field(default_factory=dict)
 
     def observe(self, record: Record) -> None:
@@ -72,6 +74,10 @@ class Summary:
                 self.open_replies[reply_id] = record.get("i", 0) + 1
         elif kind == "end":
             self.open_replies.pop(record.get("id"), None)
+        elif kind == "archive":
+            self.archived = True
+        elif kind == "unarchive":
+            self.archived = False
 
 
 PACK = 256

@@ -9,7 +9,7 @@ record never contains a raw newline before its terminator.
 from __future__ import annotations
 
 import time
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import orjson
 
@@ -24,16 +24,22 @@ __all__ = [
     "decode_all",
     "encode",
     "end",
+    "archive",
     "now_ms",
+    "select",
     "start",
     "title",
+    "unarchive",
     "user",
 ]
 
 Record = dict[str, Any]
 """A decoded record: a JSON object with at least ``type`` (str) and ``ts`` (int ms)."""
 
-RECORD_TYPES: Final = frozenset({"conversation", "user", "start", "chunk", "end", "title"})
+RECORD_TYPES: Final = frozenset(
+    {"conversation", "user", "start", "chunk", "end", "title", "select", "archive"}
+    | {"unarchive", "seal"}
+)
 """The record types this version writes. Readers skip types they do not know."""
 
 FINISH_REASONS: Final = frozenset({"stop", "length", "cancelled", "error", "interrupted"})
@@ -119,10 +125,30 @@ def conversation(
     return record
 
 
-def user(*, message_id: str, text: str, by: str | None = None) -> Record:
-    """A message a person sent; ``by`` is the sender's account id (absent in
-    single-person mode)."""
-    record: Record = {"type": "user", "ts": now_ms(), "id": message_id, "text": text}
+def user(
+    *,
+    message_id: str,
+    text: str,
+    parent: str | Literal["previous"] | None = "previous",
+    edit_of: str | None = None,
+    by: str | None = None,
+) -> Record:
+    """A message a person sent. ``parent`` is the id of the message it follows (``None``
+    for the first of a conversation; ``"previous"``, the default, leaves the field out:
+    the message then follows the end of the current path, as in logs written before
+    branches); ``edit_of`` the id of the ``user`` message it is an
+    edited copy of (same ``parent``), absent when it is none; ``by`` the sender's account
+    id (absent in single-person mode). DESIGN.md "Branches, not overwrites"."""
+    record: Record = {
+        "type": "user",
+        "ts": now_ms(),
+        "id": message_id,
+        "text": text,
+    }
+    if parent != "previous":
+        record["parent"] = parent
+    if edit_of is not None:
+        record["edit_of"] = edit_of
     if by is not None:
         record["by"] = by
     return record
@@ -135,12 +161,14 @@ def start(
     model: str,
     context: int | None = None,
     prompt_tokens: int | None = None,
+    regenerate_of: str | None = None,
 ) -> Record:
     """An assistant reply begins. ``context`` is the offset of the first record whose
     text the prompt used (past the system text, always used), ``prompt_tokens`` the
     prompt's size in tokens as counted; both ``None`` when no prompt was built (the reply
-    was stopped first, or its message does not fit the model's context)."""
-    return {
+    was stopped first, or its message does not fit the model's context).
+    ``regenerate_of`` is the reply this one is another answer to (absent when none)."""
+    record: Record = {
         "type": "start",
         "ts": now_ms(),
         "id": reply_id,
@@ -149,6 +177,9 @@ def start(
         "context": context,
         "prompt_tokens": prompt_tokens,
     }
+    if regenerate_of is not None:
+        record["regenerate_of"] = regenerate_of
+    return record
 
 
 def chunk(*, reply_id: str, i: int, text: str) -> Record:
@@ -182,3 +213,25 @@ def end(
 def title(*, title: str) -> Record:
     """The conversation was renamed."""
     return {"type": "title", "ts": now_ms(), "title": title}
+
+
+def select(*, leaf: str) -> Record:
+    """The person chose which branch is current: the path through message ``leaf``."""
+    return {"type": "select", "ts": now_ms(), "leaf": leaf}
+
+
+def archive(*, by: str | None = None) -> Record:
+    """Hidden from lists, never deleted (``by``: the account id, absent in single-person
+    mode)."""
+    record: Record = {"type": "archive", "ts": now_ms()}
+    if by is not None:
+        record["by"] = by
+    return record
+
+
+def unarchive(*, by: str | None = None) -> Record:
+    """Listed again after an :func:`archive`."""
+    record: Record = {"type": "unarchive", "ts": now_ms()}
+    if by is not None:
+        record["by"] = by
+    return record

@@ -106,6 +106,8 @@ class ConversationInfo:
     size: int
     owner: str | None = None
     """The owner's account id (:attr:`storage.fold.Summary.owner`)."""
+    archived: bool = False
+    """Put away (:attr:`storage.fold.Summary.archived`): never deleted."""
 
 
 class Store:
@@ -521,6 +523,7 @@ def _row(conversation_id: str, summary: Summary, size: int) -> ConversationInfo:
         updated=summary.updated,
         size=size,
         owner=summary.owner,
+        archived=summary.archived,
     )
 
 
