@@ -20,6 +20,9 @@
  * @property {string} text the whole text so far (an assistant reply grows chunk by chunk)
  * @property {string|null} finish null for user messages and for replies with no `end` yet;
  *   else "stop" | "length" | "cancelled" | "error" | "interrupted"
+ * @property {string|null} parent the id of the message it follows (null: a first message)
+ * @property {string[]} siblings the ids of the messages with the same parent, itself too,
+ *   oldest first (one array shared by those siblings the view holds)
  * @property {string|null} [reply_to] assistant only: the user message id it answers
  * @property {string|null} [model] assistant only
  * @property {object|null} [usage] assistant only: the `end` record's usage (token counts)
@@ -27,15 +30,32 @@
  */
 
 /**
- * The view of one conversation.
+ * The view of one conversation: a tree of messages (DESIGN.md "Branches, not overwrites")
+ * and its current path, as storage/fold.py's `Folded` keeps them.
  * @typedef {object} View
  * @property {object|null} conversation the `conversation` record (first of the log), or
  *   the conversation's `id`, `title`, `model` and `system` from a page
  * @property {string} title the current title ("" when none)
- * @property {Message[]} messages in log order
+ * @property {Message[]} messages the current path, oldest first: what the page shows
+ * @property {Map<string, Message>} nodes every message the view holds, by id (the first
+ *   of an id), of every branch
+ * @property {Map<string|null, string[]>} children the ids of each message's children
+ *   (key null: the first messages), oldest first, as far as the view knows them
+ * @property {Map<string, number>} order where each message the view holds stands in the
+ *   log, as numbers that only compare (older is smaller); `span` is [lowest, highest]
+ *   given so far
+ * @property {string|null} older the parent of the oldest message the pages held (null: they
+ *   reach the first message): older messages the server holds, not yet asked for
+ * @property {string|null} current the id of the current leaf
+ * @property {boolean} whole whether the view was folded from the log's first record (it
+ *   then holds every message), not from a page
  * @property {Map<string, Message>} replies assistant messages by reply id (the latest
  *   `start` of an id: its chunks and `end` go there)
  * @property {Set<string>} openReplies reply ids with a `start` and no `end`, oldest first
+ * @property {boolean} stale the current path runs through a message whose text the view
+ *   does not hold (a page shows the newest of one path only): open the page anew
+ * @property {boolean} reshaped the current path changed other than at its end since
+ *   this flag was last cleared (a new branch, a `select`): draw the whole path anew
  * @property {number} offset byte offset just after the last record applied (its event id)
  */
 
@@ -45,8 +65,9 @@
  */
 export function emptyView() {
   return {
-    conversation: null, title: "", messages: [], replies: new Map(), openReplies: new Set(),
-    offset: 0,
+    conversation: null, title: "", messages: [], nodes: new Map(), children: new Map(),
+    order: new Map(), span: [0, 0], older: null, current: null, whole: true,
+    replies: new Map(), openReplies: new Set(), stale: false, reshaped: false, offset: 0,
   };
 }
 
@@ -79,6 +100,7 @@ export function emptyView() {
  */
 export function viewFrom(page) {
   const view = emptyView();
+  view.whole = false;
   if (page.id !== undefined) {
     view.conversation = {
       id: page.id, title: page.title ?? "", model: page.model ?? null, system: page.system ?? null,
@@ -87,14 +109,35 @@ export function viewFrom(page) {
   view.title = page.title || "";
   view.offset = page.offset ?? 0;
   const told = Object.hasOwn(page, "running");
-  for (const message of page.messages ?? []) {
-    view.messages.push(message);
+  const messages = page.messages ?? [];
+  hold(view, messages);
+  for (const message of messages) {
     if (message.role !== "assistant") continue;
     view.replies.set(message.id, message);
     const open = !told || page.running === message.id || page.writable === false;
     if (message.finish === null && open) view.openReplies.add(message.id);
   }
+  view.current = messages.length ? messages[messages.length - 1].id : null;
+  view.older = messages.length ? messages[0].parent : null;
+  view.messages = messages.slice();
   return view;
+}
+
+// Take a page's messages (a stretch of one path, oldest first, older than every message
+// the view holds) into the view's tree.
+function hold(view, messages) {
+  view.span[0] -= messages.length;
+  let first = view.span[0];
+  for (const message of messages) {
+    view.order.set(message.id, first);
+    first += 1;
+    message.parent ??= null;
+    const siblings = message.siblings ?? [message.id];
+    const held = view.children.get(message.parent);
+    if (!held || held.length < siblings.length) view.children.set(message.parent, siblings);
+    if (!view.nodes.has(message.id)) view.nodes.set(message.id, message);
+  }
+  for (const message of view.nodes.values()) message.siblings = view.children.get(message.parent);
 }
 
 /**
@@ -108,19 +151,26 @@ export function viewFrom(page) {
  */
 export function prependMessages(view, older) {
   const held = new Set(view.messages.map((message) => message.id));
-  const added = older.filter((message) => !held.has(message.id));
+  const added = older.filter((message) => !held.has(message.id) && !view.nodes.has(message.id));
+  hold(view, added);
   for (const message of added) {
     if (message.role === "assistant" && !view.replies.has(message.id)) {
       view.replies.set(message.id, message);
     }
   }
-  if (added.length) view.messages.unshift(...added);
+  if (added.length) {
+    view.messages.unshift(...added);
+    view.older = added[0].parent;
+  }
   return added;
 }
 
 /**
  * Apply one record (a parsed log line) to a view, in place. Records of unknown type, and
- * chunks or ends of unknown replies, change nothing but `offset`.
+ * chunks or ends of unknown replies, change nothing but `offset`. The parent of a message
+ * is found as storage/fold.py `Folded` finds it: the one its record names (a `user`'s
+ * `parent`, a `start`'s `reply_to`), else what the original of an edit (`edit_of`) or of
+ * another answer (`regenerate_of`) follows, else the current leaf.
  * @param {View} view from emptyView() or viewFrom()
  * @param {object} record a log record: {type, ts, ...}
  * @param {number} offset the record's event id: the byte offset just after it
@@ -138,7 +188,7 @@ export function applyRecord(view, record, offset) {
       return null;
     case "user": {
       const message = { id: record.id, role: "user", text: record.text, finish: null };
-      view.messages.push(message);
+      add(view, message, userParent(view, record));
       return message;
     }
     case "start": {
@@ -146,9 +196,9 @@ export function applyRecord(view, record, offset) {
         id: record.id, role: "assistant", text: "", finish: null,
         reply_to: record.reply_to ?? null, model: record.model ?? null, usage: null, error: null,
       };
+      add(view, reply, replyParent(view, record));
       view.replies.set(record.id, reply);
       view.openReplies.add(record.id);
-      view.messages.push(reply);
       return reply;
     }
     case "chunk": {
@@ -166,9 +216,103 @@ export function applyRecord(view, record, offset) {
       reply.error = record.error ?? null;
       return reply;
     }
+    case "select":
+      select(view, record.leaf);
+      return null;
     default:
       return null; // readers skip types they do not know
   }
+}
+
+function isId(value) {
+  return typeof value === "string";
+}
+
+function userParent(view, record) {
+  if (Object.hasOwn(record, "parent") && (record.parent === null || isId(record.parent))) {
+    return record.parent;
+  }
+  const original = isId(record.edit_of) ? view.nodes.get(record.edit_of) : undefined;
+  return original ? original.parent : view.current;
+}
+
+function replyParent(view, record) {
+  if (isId(record.reply_to)) return record.reply_to;
+  const original = isId(record.regenerate_of) ? view.nodes.get(record.regenerate_of) : undefined;
+  return original ? original.parent : view.current;
+}
+
+function add(view, message, parent) {
+  message.parent = parent;
+  // The view knows the children of every message it holds and of what the pages' messages
+  // follow; under another one (a branch made on another device) its siblings are unknown.
+  const unknown = !view.nodes.has(parent) && !view.children.has(parent);
+  if (!view.whole && view.nodes.size > 0 && unknown) view.stale = true;
+  let siblings = view.children.get(parent);
+  if (!siblings) {
+    siblings = [];
+    view.children.set(parent, siblings);
+  }
+  siblings.push(message.id);
+  message.siblings = siblings;
+  if (!view.nodes.has(message.id)) {
+    view.nodes.set(message.id, message);
+    view.span[1] += 1;
+    view.order.set(message.id, view.span[1]);
+  }
+  const last = view.messages[view.messages.length - 1];
+  const extendsPath = last === undefined ? parent === view.older : last.id === parent;
+  view.current = message.id;
+  if (extendsPath) {
+    view.messages.push(message);
+  } else {
+    retrace(view, message);
+  }
+}
+
+// `select`: the newest message under the named one (itself when it has none), among the
+// messages the view holds. A view folded from the first record holds every message: a
+// name it does not hold is no message (as storage/fold.py, nothing changes); a view from
+// a page holds one path, and a branch it does not hold makes it `stale`.
+function select(view, leaf) {
+  if (!isId(leaf)) return;
+  let newest = null;
+  const stack = [leaf];
+  while (stack.length) {
+    const id = stack.pop();
+    if (!view.nodes.has(id)) {
+      if (!view.whole) view.stale = true;
+      return;
+    }
+    if (newest === null || view.order.get(id) > view.order.get(newest)) newest = id;
+    stack.push(...(view.children.get(id) ?? []));
+  }
+  view.current = newest;
+  retrace(view, view.nodes.get(newest));
+}
+
+// The current path anew, from `leaf` up through the messages the view holds; where it
+// stops short of a first message, `older` is what it follows (older pages bring it).
+function retrace(view, leaf) {
+  const path = [];
+  for (let message = leaf; message; message = view.nodes.get(message.parent)) {
+    path.push(message);
+    if (message.parent === null) break;
+  }
+  path.reverse();
+  view.messages = path;
+  view.older = path[0].parent;
+  view.reshaped = true;
+}
+
+/**
+ * The messages of the current path the page holds, oldest first, each as
+ * storage/fold.py's `messages()` gives it (what tests/fold_fixtures.json compares).
+ * @param {View} view
+ * @returns {Message[]}
+ */
+export function currentPath(view) {
+  return view.messages;
 }
 
 /**
@@ -193,4 +337,4 @@ export function isOpen(view, id) {
 }
 
 /** Record types the fold understands (each an SSE `event:` name); the stream may carry more. */
-export const RECORD_TYPES = ["conversation", "title", "user", "start", "chunk", "end"];
+export const RECORD_TYPES = ["conversation", "title", "user", "start", "chunk", "end", "select"];

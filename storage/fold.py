@@ -21,8 +21,10 @@ from .records import Record
 __all__ = ["Folded", "Message", "Summary", "Turn", "messages", "prompt"]
 
 Message = dict[str, Any]
-"""``{"id", "role": "user"|"assistant", "text", "finish"}``; assistant messages also carry
-``reply_to``, ``model``, ``usage`` and ``error`` (null until their ``end``)."""
+"""``{"id", "role": "user"|"assistant", "text", "finish", "parent", "siblings"}``
+(``parent``: the id of the message it follows, null for a first message; ``siblings``: the
+ids of the messages with the same parent, itself too, oldest first); assistant messages
+also carry ``reply_to``, ``model``, ``usage`` and ``error`` (null until their ``end``)."""
 
 
 @dataclass
@@ -83,15 +85,34 @@ class Summary:
 PACK = 256
 """Chunks of a reply joined into one block as they are folded (see :class:`Folded`)."""
 
+ROOT = -1
+"""The parent position of a conversation's first messages."""
+ORPHAN = -2
+"""The parent position of a message that names a parent not in the log."""
+
 Turn = tuple[int, str, str]
 """``(offset, role, text)`` of one message a prompt may use: the offset where the record
 that began it starts (a record boundary), ``"user"`` or ``"assistant"``, and its text."""
 
 
 class Folded:
-    """The conversation folded from its records, one record at a time: what
-    :func:`messages` returns, kept up to date as records commit, so that a page of the
-    newest messages or a prompt costs what it returns, not the log's length.
+    """The conversation folded from its records, one record at a time: a tree of messages
+    (DESIGN.md "Branches, not overwrites") and its **current path**, kept up to date as
+    records commit, so that a page of the newest messages of the path or a prompt costs
+    what it returns, not the log's length.
+
+    Each message has a parent: the id a ``user`` record's ``parent`` names (``null``: a
+    first message), a ``start``'s ``reply_to``. A field that is absent reads as its
+    default: an edit (``edit_of``) or another answer (``regenerate_of``) follows what the
+    original follows; anything else follows the end of the current path (as every message
+    of a log written before branches does). Siblings are the messages with the same
+    parent, oldest first. A path goes up to a first message, or to one whose parent is no
+    message of the log (then it starts there).
+
+    The current path runs from the root to the **current leaf**: the newest message, or,
+    when a ``select`` came after it, the newest message under the one that ``select``
+    names (itself, when it has no children: a leaf). ``select`` of an unknown id changes
+    nothing.
 
     Linear in what it folds: a reply's chunks are kept as pieces, joined :data:`PACK` at a
     time into blocks, and the blocks joined only when the message is read (then kept
@@ -100,19 +121,30 @@ class Folded:
     """
 
     def __init__(self) -> None:
-        self._messages: list[Message] = []
+        self._messages: list[Message] = []  # every message of every branch, in log order
         self._offsets: list[int] = []  # where the record that began each message starts
+        self._parents: list[int] = []  # position of each message's parent, ROOT, ORPHAN
+        # parent id (None: the first messages) -> positions of its children, oldest first
+        self._children: dict[str | None, list[int]] = {}
         self._index: dict[str, int] = {}  # message id -> position of its first message
         self._replies: dict[str, int] = {}  # reply id -> position of its latest start
         # reply position -> its text not joined yet: blocks of PACK pieces joined, then
         # the pieces since (one str object per chunk would cost ~50 bytes a chunk)
         self._pieces: dict[int, tuple[list[str], list[str]]] = {}
         self._ends: dict[int, tuple[int, int]] = {}  # reply position -> end's offset, ts
+        self._current = ROOT  # the current leaf's position (ROOT: no message yet)
         self.size = 0
         """Characters of message text held."""
 
     def __len__(self) -> int:
+        """Messages of every branch."""
         return len(self._messages)
+
+    @property
+    def current(self) -> str | None:
+        """The id of the current leaf (the last message of the current path), or ``None``
+        when there is no message."""
+        return None if self._current < 0 else self._messages[self._current]["id"]
 
     def observe(self, record: Record, offset: int = 0) -> None:
         """Fold one record that starts at byte ``offset`` of the log (see
@@ -120,7 +152,12 @@ class Folded:
         kind = record["type"]
         if kind == "user":
             text = record["text"]
-            self._add({"id": record["id"], "role": "user", "text": text, "finish": None}, offset)
+            parent = self._user_parent(record)
+            self._add(
+                {"id": record["id"], "role": "user", "text": text, "finish": None},
+                offset,
+                parent,
+            )
             self.size += len(text)
         elif kind == "start":
             self._add(
@@ -135,6 +172,7 @@ class Folded:
                     "error": None,
                 },
                 offset,
+                self._reply_parent(record),
             )
             self._replies[record["id"]] = len(self._messages) - 1
         elif kind == "chunk":
@@ -155,11 +193,49 @@ class Folded:
                 reply["usage"] = record.get("usage")
                 reply["error"] = record.get("error")
                 self._ends[position] = (offset, record["ts"])
+        elif kind == "select":
+            position = self._position(record.get("leaf"))
+            if position is not None:
+                self._current = self._newest_in(position)
 
-    def _add(self, message: Message, offset: int) -> None:
-        self._index.setdefault(message["id"], len(self._messages))
+    def _newest_in(self, position: int) -> int:
+        """The newest message (the latest in the log) of the subtree under ``position``,
+        itself included: a leaf, since its children would be newer."""
+        newest, stack = position, [position]
+        while stack:
+            at = stack.pop()
+            newest = max(newest, at)
+            stack.extend(self._children.get(self._messages[at]["id"], ()))
+        return newest
+
+    def _position(self, message_id: Any) -> int | None:
+        return self._index.get(message_id) if isinstance(message_id, str) else None
+
+    def _user_parent(self, record: Record) -> str | None:
+        if "parent" in record and (record["parent"] is None or isinstance(record["parent"], str)):
+            return record["parent"]
+        original = self._position(record.get("edit_of"))
+        if original is not None:
+            return self._messages[original]["parent"]
+        return self.current
+
+    def _reply_parent(self, record: Record) -> str | None:
+        if isinstance(record.get("reply_to"), str):
+            return record["reply_to"]
+        original = self._position(record.get("regenerate_of"))
+        if original is not None:
+            return self._messages[original]["parent"]
+        return self.current
+
+    def _add(self, message: Message, offset: int, parent: str | None) -> None:
+        position = len(self._messages)
+        message["parent"] = parent
+        self._index.setdefault(message["id"], position)
         self._messages.append(message)
         self._offsets.append(offset)
+        self._parents.append(ROOT if parent is None else self._index.get(parent, ORPHAN))
+        self._children.setdefault(parent, []).append(position)
+        self._current = position
 
     def _reply(self, reply_id: Any) -> int | None:
         return self._replies.get(reply_id) if isinstance(reply_id, str) else None
@@ -172,28 +248,59 @@ class Folded:
             message["text"] += "".join(blocks) + "".join(pending)
         return message
 
-    def message(self, position: int) -> Message:
-        """A copy of the message at ``position`` (0 = the oldest)."""
-        return dict(self._joined(position))
+    def _up(self, position: int) -> Iterator[int]:
+        """``position`` and its ancestors, up to the first message of its path."""
+        while position >= 0:
+            yield position
+            position = self._parents[position]
 
-    def all(self) -> list[Message]:
-        """Copies of every message, oldest first."""
-        return [self.message(k) for k in range(len(self._messages))]
+    def node(self, message_id: str) -> tuple[str, str | None] | None:
+        """``(role, parent id)`` of the message ``message_id``, or ``None`` when no message
+        of this conversation has that id."""
+        position = self._position(message_id)
+        if position is None:
+            return None
+        message = self._messages[position]
+        return message["role"], message["parent"]
+
+    def message(self, position: int) -> Message:
+        """A copy of the message at ``position`` (0 = the oldest of any branch), with
+        ``siblings``: the ids of the messages with its parent (itself too), oldest
+        first."""
+        copy = dict(self._joined(position))
+        siblings = self._children[copy["parent"]]
+        copy["siblings"] = [self._messages[k]["id"] for k in siblings]
+        return copy
+
+    def path(self) -> list[Message]:
+        """Copies of the messages of the current path, oldest first."""
+        positions = list(self._up(self._current))
+        return [self.message(k) for k in reversed(positions)]
 
     def page(self, limit: int, before: str | None = None) -> tuple[list[Message], bool]:
-        """The newest ``limit`` messages before the message ``before`` (``None``: the
-        newest), oldest first, and whether older ones exist.
+        """The newest ``limit`` messages of the current path before the message
+        ``before`` (``None``: the current leaf, included), oldest first, and whether
+        older ones exist. A ``before`` off the current path pages through its own
+        ancestors. Costs O(``limit``).
 
         :raises KeyError: ``before`` is no message id of this conversation.
         """
-        end = len(self._messages) if before is None else self._index[before]
-        start = max(0, end - max(0, limit))
-        return [self.message(k) for k in range(start, end)], start > 0
+        start = self._current if before is None else self._parents[self._index[before]]
+        # (ROOT or ORPHAN: nothing before it)
+        positions: list[int] = []
+        if limit > 0:
+            for position in self._up(start):
+                positions.append(position)
+                if len(positions) == limit:
+                    break
+        more = (self._parents[positions[-1]] if positions else start) >= 0
+        return [self.message(k) for k in reversed(positions)], more
 
     def replies(self) -> list[tuple[str, int, int | None, int | None]]:
-        """Every reply, oldest first: ``(reply id, offset of its start record, offset of
-        its end record or None, the end's ts (ms) or None)`` (for receipts: a reader was
-        sent a whole reply once it was sent past its end record's offset)."""
+        """Every reply of every branch, oldest first: ``(reply id, offset of its start
+        record, offset of its end record or None, the end's ts (ms) or None)`` (for
+        receipts: a reader was sent a whole reply once it was sent past its end record's
+        offset)."""
         out = []
         for position, message in enumerate(self._messages):
             if message["role"] == "assistant":
@@ -208,10 +315,15 @@ class Folded:
                 )
         return out
 
-    def turns_newest_first(self) -> Iterator[Turn]:
+    def turns_newest_first(self, leaf: str | None = None) -> Iterator[Turn]:
         """The messages a prompt may use, newest first (see :func:`prompt`): user texts,
-        and texts of replies that ended other than in ``error`` and are not empty."""
-        for position in range(len(self._messages) - 1, -1, -1):
+        and texts of replies that ended other than in ``error`` and are not empty, of the
+        path up from ``leaf`` (a message id; ``None``: the current leaf).
+
+        :raises KeyError: ``leaf`` is no message id of this conversation.
+        """
+        start = self._current if leaf is None else self._index[leaf]
+        for position in self._up(start):
             message = self._messages[position]
             if message["role"] == "user":
                 yield self._offsets[position], "user", message["text"]
@@ -222,16 +334,19 @@ class Folded:
 
 
 def messages(records: Iterable[Record]) -> list[Message]:
-    """Fold records into the ordered list of messages (:class:`Folded`, at once).
+    """Fold records into the messages of the current path, oldest first
+    (:class:`Folded`, at once).
 
     ``user`` adds a user message; ``start`` adds an empty assistant message; ``chunk``
     appends its text to the reply with the same id; ``end`` sets ``finish``, ``usage`` and
-    ``error``. Records of unknown type, and chunks or ends of unknown replies, are skipped.
+    ``error``; ``select`` moves the current path. Records of unknown type, and chunks or
+    ends of unknown replies, are skipped. Every message also carries ``parent`` (id or
+    null) and ``siblings`` (see :meth:`Folded.message`).
     """
     folded = Folded()
     for record in records:
         folded.observe(record)
-    return folded.all()
+    return folded.path()
 
 
 def prompt(system: str | None, folded: Iterable[Message]) -> list[dict[str, str]]:

@@ -46,6 +46,8 @@ async def test_create_list_get_and_reply(make_client, data_dir):
         "role": "user",
         "text": "Where to?",
         "finish": None,
+        "parent": None,
+        "siblings": [started["message_id"]],
     }
     assert reply["id"] == started["reply_id"] and reply["finish"] == "stop"
     assert len(reply["text"].split()) == 12
