@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import orjson
@@ -22,7 +23,7 @@ from . import __version__, sse
 from .access import Access, access, guardians, owner_of
 from .budgets import BudgetExceededError
 from .errors import ApiError, during
-from .generation import NoReplyError, Replies, ReplyRunningError, Started
+from .generation import NoReplyError, Replies, ReplyRunningError, Started, UnknownMessageError
 from .inputs import client_id, json_body, optional_str
 from .keys import (
     AUDIT,
@@ -187,6 +188,7 @@ async def list_conversations(request: web.Request) -> web.Response:
                 "running": replies.running(r.id),
                 "access": allowed.value,
                 "owner": owner.name if owner is not None else None,
+                "archived": r.archived,
             }
         )
     if seen:
@@ -320,6 +322,15 @@ def _limit(text: str | None) -> int:
 
 @routes.post("/api/conversations/{conversation_id}/messages")
 async def post_message(request: web.Request) -> web.StreamResponse:
+    """Send a message and start the reply (DESIGN.md API table): body ``{"text"}``, and
+    optionally ``parent`` (the reply it follows; ``null``: a first message; absent: the
+    end of the current path) or ``edit_of`` (edit and resend: a user message, whose
+    parent the new one shares). ``202 {"message_id", "reply_id", "offset"}``, or with
+    ``Accept: text/event-stream`` the event stream from ``offset`` to the reply's ``end``.
+
+    :raises ApiError: ``400 invalid_field``/``unknown_message``, ``409 reply_running``,
+        ``429 budget_exceeded``.
+    """
     log = await conversation_log(request, write=True)
     body = await json_body(request)
     text = body.get("text")
@@ -332,7 +343,92 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     limit = request.app[SETTINGS].max_message_chars
     if len(text) > limit:
         raise ApiError(400, "invalid_field", f"'text' is longer than {limit} characters")
+    parent = _message_id(body, "parent", nullable=True) if "parent" in body else "current"
+    edit_of = _message_id(body, "edit_of")
+    replies = request.app[REPLIES]
     conversation_id = request.match_info["conversation_id"]
+
+    def send(by: str | None) -> Awaitable[Started]:
+        return replies.send(conversation_id, log, text, by=by, parent=parent, edit_of=edit_of)
+
+    return await _exchange(request, log, send)
+
+
+@routes.post("/api/conversations/{conversation_id}/regenerate")
+async def regenerate(request: web.Request) -> web.StreamResponse:
+    """Another answer to the message a reply answers: body ``{"reply_id"}``; answers as
+    ``POST .../messages`` does (``message_id`` is the message answered; ``offset`` the
+    boundary before the new ``start``). The old answer stays, a sibling of the new one.
+
+    :raises ApiError: ``400 invalid_field``/``unknown_message``, ``409 reply_running``,
+        ``429 budget_exceeded``.
+    """
+    log = await conversation_log(request, write=True)
+    body = await json_body(request)
+    reply_id = _message_id(body, "reply_id")
+    if reply_id is None:
+        raise ApiError(400, "invalid_field", "'reply_id' is required")
+    replies = request.app[REPLIES]
+    conversation_id = request.match_info["conversation_id"]
+
+    def start(by: str | None) -> Awaitable[Started]:
+        return replies.regenerate(conversation_id, log, reply_id, by=by)
+
+    return await _exchange(request, log, start)
+
+
+@routes.post("/api/conversations/{conversation_id}/select")
+async def select(request: web.Request) -> web.Response:
+    """Choose the current branch: body ``{"leaf"}`` (any message id; the path goes to the
+    newest message under it) appends a ``select`` record. ``200 {"leaf", "offset"}``: the
+    current leaf now, the committed offset after the record.
+
+    :raises ApiError: ``400 invalid_field``/``unknown_message``, ``409 reply_running``.
+    """
+    log = await conversation_log(request, write=True)
+    body = await json_body(request)
+    leaf = _message_id(body, "leaf")
+    if leaf is None:
+        raise ApiError(400, "invalid_field", "'leaf' is required")
+    replies = request.app[REPLIES]
+    conversation_id = request.match_info["conversation_id"]
+    try:
+        current, offset = await replies.select(conversation_id, log, leaf)
+    except UnknownMessageError as exc:
+        raise ApiError(400, "unknown_message", str(exc), field=exc.field) from None
+    except ReplyRunningError:
+        raise _reply_running(replies, conversation_id) from None
+    return _json({"leaf": current, "offset": offset})
+
+
+MAX_MESSAGE_ID_CHARS = 128
+"""The longest message id a request may name (ours are 22 characters)."""
+
+
+def _message_id(body: dict[str, Any], name: str, *, nullable: bool = False) -> str | None:
+    """A message id field of a request body (absent: ``None``).
+
+    :raises ApiError: ``400 invalid_field``: not a string (or ``null``, when ``nullable``),
+        empty, or longer than :data:`MAX_MESSAGE_ID_CHARS`.
+    """
+    value = body.get(name)
+    if value is None:
+        if name in body and not nullable:
+            raise ApiError(400, "invalid_field", f"'{name}' must be a message id")
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_MESSAGE_ID_CHARS:
+        raise ApiError(400, "invalid_field", f"'{name}' must be a message id")
+    return value
+
+
+async def _exchange(
+    request: web.Request,
+    log: ConversationLog,
+    begin: Callable[[str | None], Awaitable[Started]],
+) -> web.StreamResponse:
+    """Begin an exchange (``begin(by)``: a message sent, or a reply regenerated) within the
+    sender's rate and daily budget, and answer ``202`` with its ids, or with
+    ``Accept: text/event-stream`` the stream from its ``offset`` to its reply's ``end``."""
     client = client_id(request)
     viewer = viewer_of(request)
     by = None if viewer.local else viewer.id
@@ -340,10 +436,10 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     if "text/event-stream" in request.headers.get("Accept", ""):
         with request.app[STREAM_SLOTS].hold(client):  # taken before the message is appended
             async with rate.admit(client):
-                started = await _send(request, conversation_id, log, text, by)
+                started = await _counted(request, begin, by)
             return await _stream(request, log, started.offset, until_end_of=started.reply_id)
     async with rate.admit(client):
-        started = await _send(request, conversation_id, log, text, by)
+        started = await _counted(request, begin, by)
     return _json(
         {
             "message_id": started.message_id,
@@ -354,28 +450,35 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     )
 
 
-async def _send(
-    request: web.Request, conversation_id: str, log: ConversationLog, text: str, by: str | None
+async def _counted(
+    request: web.Request, begin: Callable[[str | None], Awaitable[Started]], by: str | None
 ) -> Started:
-    """Send the message (:meth:`Replies.send`); an account's budget is checked and the
-    message counted in the same step, and given back if it was not sent."""
+    """Begin the exchange; an account's budget is checked and the message counted in the
+    same step, and given back if it was not sent."""
     replies = request.app[REPLIES]
     account = request.app[SESSIONS].account(by) if by is not None else None
     budget = (
         request.app[BUDGETS].admit(account) if account is not None else contextlib.nullcontext()
     )
+    conversation_id = request.match_info["conversation_id"]
     try:
         async with budget:
-            return await replies.send(conversation_id, log, text, by=by)
+            return await begin(by)
     except BudgetExceededError as exc:
         raise ApiError.retry_later("budget_exceeded", str(exc), exc.retry_after) from None
+    except UnknownMessageError as exc:
+        raise ApiError(400, "unknown_message", str(exc), field=exc.field) from None
     except ReplyRunningError:
-        raise ApiError(
-            409,
-            "reply_running",
-            "a reply is already running in this conversation",
-            reply_id=replies.running(conversation_id),
-        ) from None
+        raise _reply_running(replies, conversation_id) from None
+
+
+def _reply_running(replies: Replies, conversation_id: str) -> ApiError:
+    return ApiError(
+        409,
+        "reply_running",
+        "a reply is already running in this conversation",
+        reply_id=replies.running(conversation_id),
+    )
 
 
 @routes.post("/api/conversations/{conversation_id}/stop")

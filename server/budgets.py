@@ -180,7 +180,8 @@ class Budgets:
             try:
                 async for record in _records_since(log, start):
                     kind = record.get("type")
-                    if kind == "user" and record.get("by") == account_id:
+                    # a message sent, or another answer asked for (a regenerated start)
+                    if kind in ("user", "start") and record.get("by") == account_id:
                         used.messages += 1
                     elif kind == "end" and owned:
                         used.tokens += _tokens(record.get("usage"))

@@ -28,14 +28,15 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ..storage import ConversationLog, LogClosedError, LogError, new_id, records
+from ..storage.fold import Folded
 from . import context
 from .providers import Delta, Provider, ProviderError
 from .text import has_visible
 
-__all__ = ["NoReplyError", "ReplyRunningError", "Replies", "Started"]
+__all__ = ["NoReplyError", "ReplyRunningError", "Replies", "Started", "UnknownMessageError"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +52,20 @@ class NoReplyError(Exception):
     """No reply is running in this conversation."""
 
 
+class UnknownMessageError(ValueError):
+    """A message id a request named is no message of the kind it must be in this
+    conversation (``field``: the request's field that named it)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class Started:
-    """What ``POST .../messages`` answers: ids and ``offset``, the record boundary before
-    the ``user`` record."""
+    """What ``POST .../messages`` and ``.../regenerate`` answer: the id of the message
+    answered, the reply's id, and ``offset``, the record boundary before the first record
+    of the exchange (the ``user`` record; a regenerated reply's ``start``)."""
 
     message_id: str
     reply_id: str
@@ -66,6 +77,7 @@ class _Reply:
     reply_id: str
     by: str | None = None  # the account whose message it answers
     task: asyncio.Task[None] | None = None
+    regenerate_of: str | None = None  # the reply this one is another answer to
     finish_on_cancel: str = "interrupted"
     begun: bool = False  # the task has started running
     stop_requested: bool = False
@@ -111,16 +123,105 @@ class Replies:
         return reply.reply_id if reply else None
 
     async def send(
-        self, conversation_id: str, log: ConversationLog, text: str, *, by: str | None = None
+        self,
+        conversation_id: str,
+        log: ConversationLog,
+        text: str,
+        *,
+        by: str | None = None,
+        parent: str | Literal["current"] | None = "current",
+        edit_of: str | None = None,
     ) -> Started:
         """Append a ``user`` record (``by``: the sender's account id) and start the reply
-        to it. The first message of an
-        untitled conversation also appends a ``title`` record (:func:`title_from`) in the
-        same commit. Returns once they are committed; the reply's ``start`` follows.
+        to it. The message follows ``parent`` (a reply's id; ``None``: it is a first
+        message; ``"current"``: the end of the current path), or, as an edit and resend of
+        the user message ``edit_of``, what that one follows (DESIGN.md "Branches, not
+        overwrites"). The first message of an untitled conversation also appends a
+        ``title`` record (:func:`title_from`) in the same commit. Returns once they are
+        committed; the reply's ``start`` follows.
 
         :raises ReplyRunningError: a reply is running (nothing was appended).
+        :raises UnknownMessageError: ``parent`` is no reply, or ``edit_of`` no user message,
+            of this conversation, or they disagree (nothing was appended).
         :raises storage.LogError: the log cannot take the message (nothing was started),
             or the server is shutting down.
+        """
+        reply = self._claim(conversation_id, log, by)
+        try:
+            view = await log.view()  # no other writer now: the view is the log's
+            follows = _parent(view, parent, edit_of)
+            message = records.user(
+                message_id=new_id(), text=text, parent=follows, edit_of=edit_of, by=by
+            )
+            # the summary is the log's too; the title, if any, shares the message's commit
+            first = not log.summary.title and log.summary.user_messages == 0
+            committed = log.append_nowait(message)
+            if first:
+                await log.append_nowait(records.title(title=title_from(text)))
+            after = await committed
+        except BaseException:
+            self._release(conversation_id, log, reply)
+            raise
+        self._start(conversation_id, log, reply, message["id"])
+        return Started(
+            message_id=message["id"],
+            reply_id=reply.reply_id,
+            offset=after - len(records.encode(message)),
+        )
+
+    async def regenerate(
+        self, conversation_id: str, log: ConversationLog, reply_id: str, *, by: str | None = None
+    ) -> Started:
+        """Start another answer to the message that the reply ``reply_id`` answers: a new
+        ``start`` with ``regenerate_of`` (and ``by``, whose budget it counts against),
+        its prompt built from the path up to that message. Returns at once: ``offset`` is
+        the committed offset, before the new ``start``.
+
+        :raises ReplyRunningError: a reply is running (nothing was appended).
+        :raises UnknownMessageError: ``reply_id`` is no reply of this conversation.
+        :raises storage.LogError: the log takes no appends, or the server is shutting down.
+        """
+        reply = self._claim(conversation_id, log, by)
+        try:
+            view = await log.view()
+            node = view.node(reply_id)
+            if node is None or node[0] != "assistant" or node[1] is None:
+                raise UnknownMessageError("reply_id", "'reply_id' is no reply of this conversation")
+            offset = log.committed
+        except BaseException:
+            self._release(conversation_id, log, reply)
+            raise
+        reply.regenerate_of = reply_id
+        self._start(conversation_id, log, reply, node[1])
+        return Started(message_id=node[1], reply_id=reply.reply_id, offset=offset)
+
+    async def select(
+        self, conversation_id: str, log: ConversationLog, leaf: str
+    ) -> tuple[str, int]:
+        """Append a ``select`` record: the current path goes through the message ``leaf``
+        (to the newest message under it). Refused while a reply runs, whose branch the
+        person is reading.
+
+        :returns: the current leaf's id and the committed offset after the record.
+        :raises ReplyRunningError: a reply is running (nothing was appended).
+        :raises UnknownMessageError: ``leaf`` is no message of this conversation.
+        :raises storage.LogError: the log takes no appends.
+        """
+        if conversation_id in self._running:
+            raise ReplyRunningError(conversation_id)
+        view = await log.view()
+        if view.node(leaf) is None:
+            raise UnknownMessageError("leaf", "'leaf' is no message of this conversation")
+        if conversation_id in self._running:  # a send began meanwhile
+            raise ReplyRunningError(conversation_id)
+        after = await log.append(records.select(leaf=leaf))
+        return view.current or leaf, after
+
+    def _claim(self, conversation_id: str, log: ConversationLog, by: str | None) -> _Reply:
+        """Take the conversation's one reply slot (before any await) and pin its log.
+
+        :raises ReplyRunningError: the slot is taken.
+        :raises storage.LogError: shutting down, or the log takes no appends.
         """
         if self._closing:
             raise LogClosedError("the server is shutting down")
@@ -128,34 +229,26 @@ class Replies:
             raise ReplyRunningError(conversation_id)
         log.check_writable()
         reply = _Reply(reply_id=new_id(), by=by)
-        self._running[conversation_id] = reply  # claimed before the first await
+        self._running[conversation_id] = reply
         log.pin()  # open until the reply ends (the store closes only idle logs)
-        try:
-            message = records.user(message_id=new_id(), text=text, by=by)
-            # No other writer appends to this log now (the reply slot is claimed), so the
-            # summary is the log's; the title, if any, shares the message's commit.
-            first = not log.summary.title and log.summary.user_messages == 0
-            committed = log.append_nowait(message)
-            if first:
-                await log.append_nowait(records.title(title=title_from(text)))
-            after = await committed
-        except BaseException:
-            del self._running[conversation_id]
-            log.unpin()
-            reply.created.set()
-            raise
+        return reply
+
+    def _release(self, conversation_id: str, log: ConversationLog, reply: _Reply) -> None:
+        """Give the slot back: the reply was never started."""
+        del self._running[conversation_id]
+        log.unpin()
+        reply.created.set()
+
+    def _start(
+        self, conversation_id: str, log: ConversationLog, reply: _Reply, message_id: str
+    ) -> None:
         reply.task = asyncio.create_task(
-            self._run(conversation_id, log, reply, message["id"]),
+            self._run(conversation_id, log, reply, message_id),
             name=f"reply {conversation_id}/{reply.reply_id}",
         )
         if self._closing:  # shutdown began while the message was being appended
             reply.request_stop("interrupted")
         reply.created.set()
-        return Started(
-            message_id=message["id"],
-            reply_id=reply.reply_id,
-            offset=after - len(records.encode(message)),
-        )
 
     async def stop(self, conversation_id: str) -> str:
         """Stop the running reply and wait until its ``end`` (``cancelled``) is appended.
@@ -233,30 +326,26 @@ class Replies:
         try:
             if reply.stop_requested:
                 raise asyncio.CancelledError
-            fitted = await self._prompt(conversation_id, log)
+            fitted = await self._prompt(conversation_id, log, message_id)
         except BaseException:
             with contextlib.suppress(LogError):  # then the end cannot be appended either
-                log.append_nowait(
-                    records.start(reply_id=reply.reply_id, reply_to=message_id, model=model)
-                )
+                log.append_nowait(_start_record(reply, message_id, model))
             raise
         log.append_nowait(
-            records.start(
-                reply_id=reply.reply_id,
-                reply_to=message_id,
-                model=model,
-                context=fitted.context,
-                prompt_tokens=fitted.prompt_tokens,
+            _start_record(
+                reply, message_id, model, context=fitted.context, prompt_tokens=fitted.prompt_tokens
             )
         )
         return fitted
 
-    async def _prompt(self, conversation_id: str, log: ConversationLog) -> context.Fitted:
-        """The prompt of the next reply: the system text and the newest turns of the
-        open log's fold (``log.view()``, kept up to date as records commit; the message
-        being answered is committed) that fit the provider's window with its reply budget.
-        Never re-reads the log once its view is built, and counts only turns not
-        counted for an earlier prompt.
+    async def _prompt(
+        self, conversation_id: str, log: ConversationLog, message_id: str
+    ) -> context.Fitted:
+        """The prompt of the reply to ``message_id``: the system text and the newest turns
+        of the path up to that message in the open log's fold (``log.view()``, kept up to
+        date as records commit; the message being answered is committed) that fit the
+        provider's window with its reply budget. Never re-reads the log once its view is
+        built, and counts only turns not counted for an earlier prompt.
 
         :raises ProviderError: no prompt fits, or the provider could not count tokens.
         :raises storage.LogClosedError: the log closed before its view was built.
@@ -265,7 +354,7 @@ class Replies:
         provider = self.provider
         return await context.fit(
             log.summary.system,
-            view.turns_newest_first(),
+            view.turns_newest_first(message_id),
             window=provider.context_tokens,
             reply_budget=provider.max_reply_tokens,
             overhead=provider.prompt_overhead_tokens,
@@ -334,6 +423,40 @@ class Replies:
             logger.error(
                 "reply %s in %s: could not append its end: %s", reply.reply_id, conversation_id, exc
             )
+
+
+def _parent(view: Folded, parent: str | None, edit_of: str | None) -> str | None:
+    """What a new user message follows (see :meth:`Replies.send`).
+
+    :raises UnknownMessageError: as :meth:`Replies.send` says.
+    """
+    if edit_of is not None:
+        node = view.node(edit_of)
+        if node is None or node[0] != "user":
+            raise UnknownMessageError("edit_of", "'edit_of' is no message of this conversation")
+        if parent != "current" and parent != node[1]:
+            raise UnknownMessageError("parent", "'parent' must be what 'edit_of' follows")
+        return node[1]
+    if parent == "current":
+        return view.current
+    if parent is not None:
+        node = view.node(parent)
+        if node is None or node[0] != "assistant":
+            raise UnknownMessageError("parent", "'parent' is no reply of this conversation")
+    return parent
+
+
+def _start_record(reply: _Reply, message_id: str, model: str, **prompt: Any) -> records.Record:
+    record = records.start(
+        reply_id=reply.reply_id,
+        reply_to=message_id,
+        model=model,
+        regenerate_of=reply.regenerate_of,
+        **prompt,
+    )
+    if reply.regenerate_of is not None and reply.by is not None:
+        record["by"] = reply.by  # counted against the budget of whoever asked for it
+    return record
 
 
 def _uncancel() -> None:
