@@ -27,10 +27,12 @@ from ..storage import Durability, FileIO, Store
 from ..storage.audit import AuditLogs
 from ..storage.household import Household
 from ..storage.seal import load_key
-from . import edge
+from . import diagnostic, edge
 from .admission import ClientRate, StreamSlots
 from .api import routes, unpin_logs
 from .budgets import Budgets
+from .conversation_meta import routes as meta_routes
+from .diagnostic import routes as diagnostic_routes
 from .errors import json_errors
 from .export_api import routes as export_routes
 from .generation import Replies
@@ -158,6 +160,8 @@ def init_app(
     app.add_routes(routes)
     app.add_routes(login_routes)
     app.add_routes(export_routes)
+    app.add_routes(diagnostic_routes)
+    app.add_routes(meta_routes)
     app.router.add_get("/", _index)
     app.router.add_get("/static/{path:.+}", _static)
     edge.install(app, settings)  # Host, same origin, JSON bodies; headers of every answer
@@ -165,6 +169,7 @@ def init_app(
     app.cleanup_ctx.append(_household_poll)
     app.cleanup_ctx.append(_delivered_receipts)
     app.on_shutdown.append(_shut_down)
+    app.on_shutdown.append(diagnostic.shut_down)  # a check in its idle gap ends at once
     return app
 
 

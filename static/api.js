@@ -79,6 +79,33 @@ export function createConversation(fields = {}) {
 }
 
 /**
+ * Rename a conversation (a `title` record; none when the title is already this one).
+ * @param {string} id conversation id
+ * @param {string} title 1 to 200 characters once trimmed (the server trims it), with a
+ *   visible character and no control character
+ * @returns {Promise<{id: string, title: string, archived: boolean, updated: number}>} the
+ *   conversation as it stands after (200); `updated` in ms since the epoch
+ * @throws {ApiError} 400 `invalid_field` for a title the server refuses; 403
+ *   `guardian_read_only`; 404 `not_found`
+ */
+export function renameConversation(id, title) {
+  return request("PATCH", conversationPath(id), { title });
+}
+
+/**
+ * Archive a conversation (hidden from the list, never deleted), or list it again (an
+ * `archive` / `unarchive` record; none when it already is so).
+ * @param {string} id conversation id
+ * @param {boolean} archived
+ * @returns {Promise<{id: string, title: string, archived: boolean, updated: number}>} the
+ *   conversation as it stands after (200)
+ * @throws {ApiError} 403 `guardian_read_only`; 404 `not_found`
+ */
+export function setArchived(id, archived) {
+  return request("PATCH", conversationPath(id), { archived });
+}
+
+/**
  * A page of one conversation, folded by the server: its newest `limit` messages of the
  * current path (before the message `before`, when given), oldest first.
  * @param {string} id
@@ -102,11 +129,36 @@ export function getPage(id, { limit, before } = {}) {
  * Send a user message; the server starts the reply (202).
  * @param {string} id conversation id
  * @param {string} text
+ * @param {{editOf?: string}} [options] `editOf`: edit and resend that question (the new
+ *   message is its sibling; the old one stays)
  * @returns {Promise<{message_id: string, reply_id: string, offset: number}>}
- * @throws {ApiError} 409 `reply_running` while a reply runs
+ * @throws {ApiError} 409 `reply_running` while a reply runs; 400 `unknown_message`
  */
-export function sendMessage(id, text) {
-  return request("POST", `${conversationPath(id)}/messages`, { text });
+export function sendMessage(id, text, { editOf } = {}) {
+  const body = editOf === undefined ? { text } : { text, edit_of: editOf };
+  return request("POST", `${conversationPath(id)}/messages`, body);
+}
+
+/**
+ * Another answer to the question a reply answers (202); the old answer stays.
+ * @param {string} id conversation id
+ * @param {string} replyId
+ * @returns {Promise<{message_id: string, reply_id: string, offset: number}>}
+ * @throws {ApiError} 409 `reply_running`; 400 `unknown_message`; 429 `budget_exceeded`
+ */
+export function regenerate(id, replyId) {
+  return request("POST", `${conversationPath(id)}/regenerate`, { reply_id: replyId });
+}
+
+/**
+ * Make the branch through a message current (a `select` record).
+ * @param {string} id conversation id
+ * @param {string} leaf a message id: the path then runs to the newest message under it
+ * @returns {Promise<{leaf: string, offset: number}>}
+ * @throws {ApiError} 409 `reply_running`; 400 `unknown_message`
+ */
+export function selectBranch(id, leaf) {
+  return request("POST", `${conversationPath(id)}/select`, { leaf });
 }
 
 /**

@@ -23,13 +23,16 @@
 //   #/c/<conversation id>   that conversation      anything else   just the list
 
 import * as api from "./api.js";
+import { actionOf, startEdit } from "./branches.js";
+import "./connection.js";
 import { applyRecord, prependMessages, RECORD_TYPES, runningReply, viewFrom } from "./fold.js";
 import { createHousehold } from "./household.js";
 import { follow, RESTART_DELAY_MS } from "./live.js";
 import { createReplay } from "./replay.js";
 import { watchTop } from "./scrollback.js";
 import { createSeen, RENDERER } from "./seen.js";
-import { createMessageList, renderControls, renderList, showConnection, showError } from "./view.js";
+import { createConversationList, createDrawer } from "./conversations.js";
+import { createMessageList, renderControls, showConnection, showError } from "./view.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -39,6 +42,17 @@ const ui = {
   empty: $("empty"), replayOpen: $("replay-open"),
 };
 const messageList = createMessageList(ui.messages);
+const conversations = createConversationList(
+  {
+    list: ui.list, filter: $("conversation-filter"), archived: $("show-archived"),
+    status: $("list-status"), empty: $("list-empty"),
+  },
+  { rename: api.renameConversation, setArchived: api.setArchived, onChange: () => refreshList() },
+);
+createDrawer({
+  sidebar: $("sidebar"), backdrop: $("drawer-backdrop"), open: $("drawer-open"),
+  close: $("drawer-close"), main: $("chat"),
+});
 const household = createHousehold(
   {
     login: $("login"), loginForm: $("login-form"), loginName: $("login-name"),
@@ -89,7 +103,7 @@ async function refreshList() {
   }
   if (asked !== epoch) return;
   rowsById = new Map(rows.map((row) => [row.id, row]));
-  renderList(ui.list, rows, current?.id ?? null);
+  conversations.render(rows, current?.id ?? null);
   household.decorateList(ui.list, rows);
   if (current) {
     household.setRow(rowsById.get(current.id));
@@ -104,6 +118,7 @@ function open(id) {
   showError(ui.error, "");
   const conversation = {
     id, view: null, shownFrom: 0, more: false, stream: null, scrollback: null, retry: null,
+    focusAfter: null,
     failed: false,
   };
   current = conversation;
@@ -153,8 +168,18 @@ async function load(conversation) {
     types: RECORD_TYPES,
     onState: (state, label) => showConnection(ui.connection, state, label),
     onRecord: (record, offset) => {
-      const changed = applyRecord(conversation.view, record, offset);
-      render(conversation, changed);
+      const { view } = conversation;
+      const changed = applyRecord(view, record, offset);
+      if (view.stale) {
+        reopen(conversation); // a branch this page never had: its page anew
+        return;
+      }
+      if (view.reshaped) {
+        view.reshaped = false;
+        redraw(conversation); // another branch, or a new one: the whole path anew
+      } else {
+        render(conversation, changed);
+      }
       rendered(offset);
       if (record.type === "end" && changed) seen.flush();
       if (record.type === "title" || (record.type === "end" && changed)) refreshList();
@@ -175,28 +200,45 @@ async function load(conversation) {
 // Show a page as the whole view (what was shown before is dropped), scrolled to the
 // newest message, and watch the top for older messages while there are any.
 function showPage(conversation, page) {
-  conversation.scrollback?.stop();
-  conversation.scrollback = null;
   const view = viewFrom(page);
   conversation.view = view;
-  conversation.more = page.more;
-  // Only the newest messages of the page are rendered at first, about a screen's worth
-  // and more (see RENDER_CHARS): the rest come from the view as the list is scrolled up.
-  conversation.shownFrom = batchStart(view.messages, view.messages.length);
   // A reply with no `end` that no task runs in a log that can no longer be written: the
   // server could not save the rest of it (checkStalled finds the same while it streams).
   const unfinished = runningReply(view) !== null;
   const failed = unfinished && page.writable === false && page.running == null;
   conversation.failed = failed;
-  const older = conversation.shownFrom > 0 || page.more;
-  messageList.show(view, { from: conversation.shownFrom, failed, more: older });
+  redraw(conversation);
   rendered(view.offset);
-  controls(conversation);
   if (failed) showFailed();
+}
+
+// Draw the view's current path as the whole list, scrolled to the newest message, and
+// watch the top for older messages while there are any. Only the newest messages are
+// rendered at first, about a screen's worth and more (see RENDER_CHARS): the rest come
+// from the view as the list is scrolled up.
+function redraw(conversation) {
+  const { view } = conversation;
+  conversation.scrollback?.stop();
+  conversation.scrollback = null;
+  conversation.more = view.older !== null; // what the oldest message held follows
+  conversation.shownFrom = batchStart(view.messages, view.messages.length);
+  const older = conversation.shownFrom > 0 || conversation.more;
+  messageList.show(view, { from: conversation.shownFrom, failed: conversation.failed, more: older });
+  controls(conversation);
   if (older) {
     const load = () => loadOlder(conversation, view);
     conversation.scrollback = watchTop(ui.messages, messageList.top, load);
   }
+  const focus = conversation.focusAfter;
+  conversation.focusAfter = null;
+  if (focus) ui.messages.querySelector(focus)?.focus();
+}
+
+// The open conversation anew from its newest page (its stream too).
+function reopen(conversation) {
+  leave(conversation);
+  conversation.stream = null;
+  load(conversation);
 }
 
 /** Text rendered at a time, in characters: more than any screen shows of it. */
@@ -262,6 +304,9 @@ function controls(conversation) {
   const readOnly = household.isReadOnly(rowsById.get(conversation.id));
   const running = !failed && !readOnly && runningReply(view) !== null;
   renderControls(ui, view, { running, failed: failed || readOnly });
+  // the branch buttons under the messages (branches.js; style.css hides them)
+  ui.messages.dataset.writable = String(!failed && !readOnly);
+  ui.messages.dataset.running = String(runningReply(view) !== null);
 }
 
 // A reply that stays open with no event for a while: ask the server whether it still
@@ -339,6 +384,46 @@ async function stop() {
   }
 }
 
+// A branch button under a message (branches.js): switch versions, answer again, edit.
+async function branchAction(conversation, { action, id }) {
+  const asked = epoch;
+  const said = (error) => {
+    if (asked === epoch && conversation === current) showError(ui.error, error.message);
+  };
+  if (action === "edit") {
+    const message = conversation.view?.nodes.get(id);
+    const node = ui.messages.querySelector(`article[data-id="${CSS.escape(id)}"]`);
+    if (!message || !node) return;
+    startEdit(node, message.text, async (text) => {
+      try {
+        await api.sendMessage(conversation.id, text, { editOf: id });
+        showError(ui.error, "");
+        return true;
+      } catch (error) {
+        said(error);
+        return false;
+      } finally {
+        household.refreshBudget();
+      }
+    });
+    return;
+  }
+  try {
+    if (action === "select") {
+      // once the path is drawn anew, the switch of the version now shown has focus
+      const switches = `article[data-id="${CSS.escape(id)}"] .siblings button:not(:disabled)`;
+      conversation.focusAfter = switches;
+      await api.selectBranch(conversation.id, id);
+    } else if (action === "regenerate") {
+      await api.regenerate(conversation.id, id);
+      household.refreshBudget();
+    }
+    showError(ui.error, "");
+  } catch (error) {
+    said(error);
+  }
+}
+
 async function newChat() {
   const asked = epoch;
   try {
@@ -391,7 +476,7 @@ function reset() {
   showLive();
   seen.open(null);
   rowsById = new Map();
-  ui.list.replaceChildren();
+  conversations.reset();
   messageList.clear();
   ui.messages.append(ui.empty);
   ui.title.textContent = "No conversation open";
@@ -420,6 +505,10 @@ ui.text.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && !event.shiftKey && !event.isComposing) send(event);
 });
 ui.stop.addEventListener("click", stop);
+ui.messages.addEventListener("click", (event) => {
+  const asked = actionOf(event);
+  if (asked && current) branchAction(current, asked);
+});
 ui.newChat.addEventListener("click", newChat);
 ui.replayOpen.addEventListener("click", startReplay);
 window.addEventListener("hashchange", route);

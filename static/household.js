@@ -220,7 +220,7 @@ export function createHousehold(ui, { onSignedIn, onSignedOut }) {
     },
     /**
      * Mark the list's rows of children's conversations with the child's name and
-     * "read-only" (the list was rendered from `rows`, in order, by view.js renderList).
+     * "read-only" (the list was rendered from `rows`, in order, by conversations.js).
      * @param {HTMLElement} list the #conversations <ul>
      * @param {object[]} rows
      */

@@ -8,6 +8,8 @@ export const RESTART_DELAY_MS = 3000;
 /** How often the watchdog looks, and how long without an event counts as a stall, in ms. */
 export const WATCH_EVERY_MS = 5000;
 export const STALL_AFTER_MS = 10000;
+/** Reconnecting for this long with no stream opened: the state says "lost" (still trying). */
+export const LOST_AFTER_MS = 15000;
 
 /**
  * Open the event stream at `from` and keep following it.
@@ -44,20 +46,28 @@ export function follow(options) {
   let closed = false;
   let restartTimer = null;
   let lastEventAt = Date.now();
+  let reconnectingSince = null; // when EventSource began retrying, while it does
 
   function connect(from) {
     source = new EventSource(url(from));
     const opened = source;
     onState("connecting", "connecting…");
     opened.onopen = () => {
+      reconnectingSince = null;
       if (!closed) onState("live", "live");
     };
     opened.onerror = () => {
       if (closed || opened !== source) return;
       if (opened.readyState === EventSource.CONNECTING) {
-        onState("reconnecting", "connection lost, reconnecting…");
+        reconnectingSince ??= Date.now();
+        if (Date.now() - reconnectingSince < LOST_AFTER_MS) {
+          onState("reconnecting", "connection lost, reconnecting…");
+        } else {
+          onState("lost", "connection lost, still trying (Check my connection?)");
+        }
         return;
       }
+      reconnectingSince = null;
       onState("lost", "connection lost"); // CLOSED: the server refused the stream
       scheduleRestart();
     };
@@ -85,6 +95,10 @@ export function follow(options) {
 
   const watchdog = setInterval(() => {
     if (!closed && waiting() && Date.now() - lastEventAt >= STALL_AFTER_MS) onStall();
+    // EventSource retries quietly between its errors: a long silence is "lost"
+    if (!closed && reconnectingSince !== null && Date.now() - reconnectingSince >= LOST_AFTER_MS) {
+      onState("lost", "connection lost, still trying (Check my connection?)");
+    }
   }, WATCH_EVERY_MS);
 
   connect(options.from ?? 0);

@@ -140,7 +140,7 @@ export function localInputValue(ms) {
  *   active: () => boolean, seek: (offset: number) => Promise<number|null>}}
  */
 export function createReplay(ui, { getLog, getAudit, onExit }) {
-  const list = createMessageList(ui.messages);
+  const list = createMessageList(ui.messages, { actions: false });
   /** Counts opens and closes: an answer for an earlier one is dropped. */
   let epoch = 0;
   let state = null;
@@ -178,10 +178,16 @@ export function createReplay(ui, { getLog, getAudit, onExit }) {
       state.applied = k;
       list.show(state.view);
     } else {
-      // forward: each record as the live page gets it from the event stream
+      // forward: each record as the live page gets it from the event stream (another
+      // branch, or a new one, drawn anew as the live page draws it)
       for (let j = state.applied; j < k; j += 1) {
         const changed = applyRecord(state.view, state.records[j], state.ends[j]);
-        list.render(state.view, changed);
+        if (state.view.reshaped) {
+          state.view.reshaped = false;
+          list.show(state.view);
+        } else {
+          list.render(state.view, changed);
+        }
       }
       state.applied = k;
     }

@@ -6,6 +6,7 @@
 // streaming reply is re-rendered at most once per animation frame, however many chunks
 // the frame brought. The live view and the replay (replay.js) both draw through here.
 
+import { renderActions } from "./branches.js";
 import { isOpen } from "./fold.js";
 import { copyCode, createMarkdownView } from "./markdown.js";
 
@@ -15,6 +16,7 @@ import { copyCode, createMarkdownView } from "./markdown.js";
  * @property {HTMLElement} node the <article class="message ...">
  * @property {HTMLElement} body its <div class="text">
  * @property {HTMLElement} meta its <span class="meta"> (finish, token count)
+ * @property {HTMLElement} actions its <div class="actions"> (branches.js)
  * @property {Text} text the text node inside `body` that the message's text goes into
  * @property {HTMLElement|null} markdown its <div class="markdown"> (model text), else null
  * @property {{draw: (text: string) => void}|null} view what draws into `markdown`
@@ -30,6 +32,8 @@ import { copyCode, createMarkdownView } from "./markdown.js";
  * visible while older messages are still to be loaded: scrollback.js watches it, and
  * `prepend` puts the older messages between it and the rest.
  * @param {HTMLElement} container the #messages element (the scrolling box)
+ * @param {{actions?: boolean}} [options] `actions`: draw each message's branch actions
+ *   (branches.js; default true; the replay draws none)
  * @returns {{top: HTMLElement, show: (view: object, state?: object) => void,
  *   render: (view: object, changed: object|null, state?: {failed?: boolean}) => void,
  *   prepend: (view: object, older: object[], state?: object) => void,
@@ -40,7 +44,7 @@ import { copyCode, createMarkdownView } from "./markdown.js";
  *   was there; `prepend` puts older messages of the view above the others without moving
  *   what is on screen; `more` says whether `top` stays; `clear` empties the list
  */
-export function createMessageList(container) {
+export function createMessageList(container, { actions: actionsOn = true } = {}) {
   /** @type {Map<string, Entry>} */
   const entries = new Map();
   const top = document.createElement("div");
@@ -78,17 +82,22 @@ export function createMessageList(container) {
     body.append(text);
     const meta = document.createElement("span");
     meta.className = "meta";
+    const actions = document.createElement("div");
+    actions.className = "actions";
+    actions.hidden = true;
     let markdown = null;
     if (message.role === "assistant") {
       markdown = document.createElement("div");
       markdown.className = "markdown";
       body.hidden = true;
-      node.append(body, markdown, meta);
+      node.append(body, markdown, meta, actions);
     } else {
-      node.append(body, meta);
+      node.append(body, meta, actions);
     }
     const view = markdown && createMarkdownView(markdown);
-    const entry = { node, body, meta, text, message, shown: 0, markdown, view, drawn: true };
+    const entry = {
+      node, body, meta, actions, text, message, shown: 0, markdown, view, drawn: true,
+    };
     entries.set(message.id, entry);
     return entry;
   }
@@ -105,7 +114,9 @@ export function createMessageList(container) {
         schedule();
       }
     }
-    renderStatus(entry, message, isOpen(view, message.id), failed);
+    const open = isOpen(view, message.id);
+    renderStatus(entry, message, open, failed);
+    if (actionsOn) renderActions(entry.actions, message, open);
   }
 
   function clear() {
@@ -263,28 +274,6 @@ export function renderControls(ui, view, { running, failed }) {
   ui.text.disabled = failed;
   ui.send.disabled = running || failed;
   ui.stop.hidden = !running;
-}
-
-/**
- * The conversation list in the sidebar.
- * @param {HTMLElement} list the #conversations <ul>
- * @param {Array<{id: string, title: string, updated: number}>} rows newest first;
- *   `updated` in ms since the epoch
- * @param {string|null} currentId the open conversation, marked aria-current
- */
-export function renderList(list, rows, currentId) {
-  list.replaceChildren(
-    ...rows.map((row) => {
-      const item = document.createElement("li");
-      const link = document.createElement("a");
-      link.href = `#/c/${row.id}`;
-      showTitle(link, row.title || "New chat");
-      link.title = new Date(row.updated).toLocaleString();
-      if (row.id === currentId) link.setAttribute("aria-current", "page");
-      item.append(link);
-      return item;
-    }),
-  );
 }
 
 /**

@@ -67,6 +67,9 @@ def test_send_stream_reload_mid_reply_and_reconnect(browser, tmp_path):
         expect(page.locator("#connection")).to_have_attribute(
             "data-state", "reconnecting", timeout=15_000
         )
+        # still no server after LOST_AFTER_MS (live.js): the page says it is lost
+        expect(page.locator("#connection")).to_have_attribute("data-state", "lost", timeout=30_000)
+        expect(page.locator("#connection")).to_contain_text("still trying")
     with serve(data_dir, *args, port=port):
         expect(page.locator("#connection")).to_have_attribute("data-state", "live", timeout=20_000)
         # after reconnecting (Last-Event-ID), nothing is duplicated

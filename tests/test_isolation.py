@@ -111,6 +111,25 @@ ROUTES: tuple[Route, ...] = (
         body={"text": "a probe, streamed"},
     ),
     Route("stop", "POST", CONVERSATION + "/stop", write=True, owner=(409, "no_reply_running")),
+    # access is checked before the body: the owner learns the id is no reply, others 403/404
+    Route(
+        "regenerate",
+        "POST",
+        CONVERSATION + "/regenerate",
+        write=True,
+        body={"reply_id": "no-such-reply"},
+        owner=(400, "unknown_message"),
+    ),
+    Route(
+        "select",
+        "POST",
+        CONVERSATION + "/select",
+        write=True,
+        body={"leaf": "no-such-message"},
+        owner=(400, "unknown_message"),
+    ),
+    # a no-op for its owner (it is listed already): the matrix changes no conversation
+    Route("patch", "PATCH", CONVERSATION, write=True, body={"archived": False}),
     # what the page saw: a guardian's page reports it too (into the audit log)
     Route("seen", "POST", CONVERSATION + "/seen", body={"offset": 0}, owner=(204, None)),
 )
@@ -526,6 +545,9 @@ async def check_allowed(world: World, route: Route, conversation: Conversation, 
     elif route.name == "post_message":
         body = orjson.loads(answer.body)
         assert set(body) == {"message_id", "reply_id", "offset"}
+    elif route.name == "patch":
+        body = orjson.loads(answer.body)
+        assert (body["id"], body["title"], body["archived"]) == (conversation.id, title, False)
     elif route.name == "seen":
         assert answer.body == b""
     elif route.name == "post_message_sse":
@@ -579,6 +601,32 @@ async def test_list_without_a_live_session(world: World, session: str):
         assert leaks(answer, conversation) == []
         assert conversation.id not in answer.body.decode()
     assert_unchanged(before, await settled_snapshot(world), f"a list with {session} session")
+
+
+@pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.parametrize("session", ["live", "none", "revoked", "removed"])
+async def test_the_connection_check_names_no_conversation_and_needs_a_session(
+    world: World, session: str
+):
+    """``/api/connection-check`` names no conversation (so it has no column, like
+    ``/api/me``): it needs a live session, and reads and writes nothing of anyone's."""
+    cookie = {
+        "live": world.cookies[("Kid", "live")],
+        "none": None,
+        "revoked": world.cookies[("Alice", "revoked")],
+        "removed": world.cookies[("Gone", "removed")],
+    }[session]
+    before = await settled_snapshot(world)
+    answer = await ask(world, "GET", "/api/connection-check", cookie, params={"idle": "0"})
+    if session == "live":
+        assert answer.status == 200
+        assert answer.headers_dict()["Content-Type"] == "text/event-stream"
+        assert answer.body.endswith(b"\n\n") and b"event: done\n" in answer.body
+    else:
+        assert (answer.status, answer.error) == (401, "login_required")
+    for conversation in world.conversations.values():
+        assert leaks(answer, conversation) == []
+    assert_unchanged(before, await settled_snapshot(world), f"a check with {session} session")
 
 
 # -- logs written before accounts -----------------------------------------------------------
