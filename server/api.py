@@ -49,6 +49,7 @@ __all__ = [
     "PINNED_LOGS",
     "Receipt",
     "audited",
+    "conversation_info",
     "conversation_log",
     "routes",
     "unpin_logs",
@@ -138,7 +139,13 @@ async def unpin_logs(request: web.Request, handler: Any) -> web.StreamResponse:
             log.unpin()
 
 
-def _info(conversation_id: str, log: ConversationLog, replies: Replies) -> dict[str, Any]:
+def conversation_info(
+    conversation_id: str, log: ConversationLog, replies: Replies
+) -> dict[str, Any]:
+    """What ``POST /api/conversations`` answers, and a page and ``PATCH`` begin with:
+    ``id``, ``title``, ``model``, ``system``, ``created``/``updated`` (ms since the
+    epoch), ``size`` (bytes: the committed offset), ``running`` (reply id or null),
+    ``writable``, ``archived``."""
     summary = log.summary
     return {
         "id": conversation_id,
@@ -150,6 +157,7 @@ def _info(conversation_id: str, log: ConversationLog, replies: Replies) -> dict[
         "size": log.committed,
         "running": replies.running(conversation_id),
         "writable": log.live,
+        "archived": summary.archived,
     }
 
 
@@ -247,7 +255,7 @@ async def create_conversation(request: web.Request) -> web.Response:
         await request.app[AUDIT].prepare(conversation_id)
     except (OSError, LogError) as exc:
         logger.error("audit log of %s: cannot be created yet: %s", conversation_id, exc)
-    return _json(_info(conversation_id, log, request.app[REPLIES]), status=201)
+    return _json(conversation_info(conversation_id, log, request.app[REPLIES]), status=201)
 
 
 @routes.get("/api/conversations/{conversation_id}")
@@ -290,7 +298,7 @@ def _page(
     conversation_id = request.match_info["conversation_id"]
     response = _json(
         {
-            **_info(conversation_id, log, request.app[REPLIES]),
+            **conversation_info(conversation_id, log, request.app[REPLIES]),
             "messages": page,
             "more": more,
             "offset": offset,
@@ -365,9 +373,7 @@ async def regenerate(request: web.Request) -> web.StreamResponse:
     """
     log = await conversation_log(request, write=True)
     body = await json_body(request)
-    reply_id = _message_id(body, "reply_id")
-    if reply_id is None:
-        raise ApiError(400, "invalid_field", "'reply_id' is required")
+    reply_id = _required_message_id(body, "reply_id")
     replies = request.app[REPLIES]
     conversation_id = request.match_info["conversation_id"]
 
@@ -387,9 +393,7 @@ async def select(request: web.Request) -> web.Response:
     """
     log = await conversation_log(request, write=True)
     body = await json_body(request)
-    leaf = _message_id(body, "leaf")
-    if leaf is None:
-        raise ApiError(400, "invalid_field", "'leaf' is required")
+    leaf = _required_message_id(body, "leaf")
     replies = request.app[REPLIES]
     conversation_id = request.match_info["conversation_id"]
     try:
@@ -418,6 +422,14 @@ def _message_id(body: dict[str, Any], name: str, *, nullable: bool = False) -> s
         return None
     if not isinstance(value, str) or not 0 < len(value) <= MAX_MESSAGE_ID_CHARS:
         raise ApiError(400, "invalid_field", f"'{name}' must be a message id")
+    return value
+
+
+def _required_message_id(body: dict[str, Any], name: str) -> str:
+    """:func:`_message_id`, which the body must have. :raises ApiError: ``400``."""
+    value = _message_id(body, name)
+    if value is None:
+        raise ApiError(400, "invalid_field", f"'{name}' is required")
     return value
 
 

@@ -13,7 +13,7 @@ moves the conversation's ``updated``, hence its place in the list). When both fi
 change, the ``title`` record comes first. PATCHes of one conversation run one at a time
 (the check and the append are one step), so two alike that race append one record. The
 answer is the conversation's info as it
-stands after (:func:`info`).
+stands after (:func:`server.api.conversation_info`).
 
 Register with ``app.add_routes(routes)``.
 """
@@ -23,20 +23,20 @@ from __future__ import annotations
 import asyncio
 import unicodedata
 import weakref
-from typing import Any, Final
+from typing import Final
 
 import orjson
 from aiohttp import web
 
 from ..storage import ConversationLog, records
-from .api import MAX_TITLE_CHARS, conversation_log
+from .api import MAX_TITLE_CHARS, conversation_info, conversation_log
 from .errors import ApiError
 from .inputs import json_body
 from .keys import REPLIES
 from .login import viewer_of
 from .text import has_visible
 
-__all__ = ["FIELDS", "MAX_TITLE_CHARS", "clean_title", "info", "routes"]
+__all__ = ["FIELDS", "MAX_TITLE_CHARS", "clean_title", "routes"]
 
 routes = web.RouteTableDef()
 
@@ -71,31 +71,10 @@ def clean_title(value: object) -> str:
     return title
 
 
-def info(request: web.Request, log: ConversationLog) -> dict[str, Any]:
-    """The conversation's info: what ``POST /api/conversations`` answers (``id``,
-    ``title``, ``model``, ``system``, ``created``/``updated`` in ms since the epoch,
-    ``size`` in bytes (the committed offset), ``running``: reply id or null,
-    ``writable``) and ``archived`` (bool)."""
-    summary = log.summary
-    conversation_id = request.match_info["conversation_id"]
-    return {
-        "id": conversation_id,
-        "title": summary.title,
-        "model": summary.model,
-        "system": summary.system,
-        "created": summary.created,
-        "updated": summary.updated,
-        "size": log.committed,
-        "running": request.app[REPLIES].running(conversation_id),
-        "writable": log.live,
-        "archived": summary.archived,
-    }
-
-
 @routes.patch("/api/conversations/{conversation_id}")
 async def patch_conversation(request: web.Request) -> web.Response:
-    """Body ``{"title"?: str, "archived"?: bool}`` → ``200`` with :func:`info` after the
-    change (see the module's docstring).
+    """Body ``{"title"?: str, "archived"?: bool}`` → ``200`` with
+    :func:`server.api.conversation_info` after the change (see the module's docstring).
 
     :raises ApiError: ``404 not_found`` (unknown id, or a conversation the viewer may not
         see), ``403 guardian_read_only``; ``400 invalid_json`` / ``invalid_body`` (no JSON
@@ -127,4 +106,6 @@ async def patch_conversation(request: web.Request) -> web.Response:
             await log.append(records.title(title=title))
         if archived is not None and archived != log.summary.archived:
             await log.append(records.archive(by=by) if archived else records.unarchive(by=by))
-    return web.Response(body=orjson.dumps(info(request, log)), content_type="application/json")
+    conversation_id = request.match_info["conversation_id"]
+    answer = conversation_info(conversation_id, log, request.app[REPLIES])
+    return web.Response(body=orjson.dumps(answer), content_type="application/json")
