@@ -33,19 +33,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import uvloop
-from aiohttp import web
-
-from ..storage import CorruptLogError, InvalidIdError, check_id, export, importers
+from ..storage import CorruptLogError, InvalidIdError, check_id, export
 from ..storage.household import Household
 from ..storage.recovery import open_own, scan
 from ..storage.seal import SealKeyError, load_key
 from ..storage.verify import verify_dir
 from . import __version__, users
-from .app import build_provider, init_app
-from .keys import SESSIONS
-from .providers import ProviderError
-from .sessions import is_loopback
 from .settings import FLAG, Flag, Settings
 
 __all__ = ["main", "parser", "settings_from"]
@@ -246,6 +239,8 @@ def import_command(
     """``chatledger import``: validate the whole file, then write each conversation as a
     new log; print what was imported. :returns: 0, or 1 with one line on stderr (nothing
     imported, or, for a failed write, which were)."""
+    from ..storage import importers  # here: the other commands never load it
+
     try:
         key = load_key(seal_key, data_dir) if seal_key is not None else None
         found, written = importers.run(file, data_dir, owner=owner, seal_key=key)
@@ -310,6 +305,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # the server's modules: here, so that verify, export, import and user start fast
+    import uvloop
+    from aiohttp import web
+
+    from .app import build_provider, init_app
+    from .keys import SESSIONS
+    from .providers import ProviderError
+    from .sessions import is_loopback
+
     settings = settings_from(args)
     _raise_open_file_limit()  # before init_app: the store sizes its open logs by it
     try:

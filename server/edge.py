@@ -51,7 +51,6 @@ neither JSON nor these headers.
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -60,6 +59,7 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
 from .errors import ApiError
+from .origins import DEFAULT_PORTS, Origin, format_origin, parse_host, parse_origin
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -100,64 +100,7 @@ HEADERS: Final[Mapping[str, str]] = {
 SERVER: Final = "chatledger"
 """The ``Server`` header: the product, no version of it, of Python or of aiohttp."""
 
-_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
-_HOST: Final = re.compile(
-    r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9_.-]+))(?::(?P<port>[0-9]{1,5}))?"
-)
-_ORIGIN: Final = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<authority>.*)")
 _UNSPECIFIED: Final = frozenset({"0.0.0.0", "::", ""})
-
-Origin = tuple[str, str, int]
-"""An origin (RFC 6454) as compared here: scheme (``http``/``https``), host (lower case;
-IPv6 without brackets), port (the scheme's default when none is given)."""
-
-
-def parse_host(text: str) -> tuple[str, int | None] | None:
-    """Split a ``Host`` header (or an origin's authority) into host and port.
-
-    :param text: ``name``, ``name:port``, ``1.2.3.4:port``, ``[v6]`` or ``[v6]:port``.
-    :returns: the host in lower case (IPv6 without brackets) and the port (``None`` when
-        absent); ``None`` when ``text`` is none of those forms or the port is not 1-65535.
-    """
-    match = _HOST.fullmatch(text.strip())
-    if match is None:
-        return None
-    port = match["port"]
-    if port is not None and not 0 < int(port) <= 65535:
-        return None
-    if match["ipv6"] is not None:
-        try:
-            host = str(ipaddress.IPv6Address(match["ipv6"]))
-        except ValueError:
-            return None
-    else:
-        host = match["name"].lower()
-    return host, int(port) if port is not None else None
-
-
-def parse_origin(text: str) -> Origin | None:
-    """An ``Origin`` header or ``--public-origin`` value as an :data:`Origin`.
-
-    :param text: exactly ``http(s)://host[:port]``: no path, query, fragment or user.
-    :returns: ``None`` for anything else, ``null`` included.
-    """
-    match = _ORIGIN.fullmatch(text.strip())
-    if match is None:
-        return None
-    scheme = match["scheme"].lower()
-    authority = parse_host(match["authority"])
-    if scheme not in _DEFAULT_PORTS or authority is None:
-        return None
-    host, port = authority
-    return scheme, host, port if port is not None else _DEFAULT_PORTS[scheme]
-
-
-def format_origin(origin: Origin) -> str:
-    """``origin`` as a browser writes it in ``Origin``: the port only when not the
-    scheme's default, IPv6 in brackets."""
-    scheme, host, port = origin
-    shown = f"[{host}]" if ":" in host else host
-    return f"{scheme}://{shown}" if port == _DEFAULT_PORTS[scheme] else f"{scheme}://{shown}:{port}"
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -231,9 +174,9 @@ class Edge:
         if parsed in self.origins:
             return True
         own = parse_host(host) if host is not None else None
-        if own is None or scheme not in _DEFAULT_PORTS:
+        if own is None or scheme not in DEFAULT_PORTS:
             return False
-        return parsed == (scheme, own[0], own[1] or _DEFAULT_PORTS[scheme])
+        return parsed == (scheme, own[0], own[1] or DEFAULT_PORTS[scheme])
 
     def check(self, request: web.BaseRequest) -> None:
         """Refuse ``request`` if it fails a check of the module's docstring.

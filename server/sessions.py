@@ -32,6 +32,7 @@ import collections
 import concurrent.futures
 import contextlib
 import copy
+import functools
 import ipaddress
 import logging
 import math
@@ -100,7 +101,14 @@ def _lowest_priority() -> None:
 _HASHING = concurrent.futures.ThreadPoolExecutor(
     max_workers=HASHING_AT_ONCE, thread_name_prefix="argon2", initializer=_lowest_priority
 )
-_DUMMY_HASH = _HASHER.hash("an unknown name costs a verification too")
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """What an unknown name's password is checked against (an unknown name costs a
+    verification too). Made once, on a hashing thread, when the first :class:`Sessions`
+    is (not at import: every CLI command would pay ~0.3 s and 64 MiB for it)."""
+    return _HASHER.hash("an unknown name costs a verification too")
 
 
 def is_loopback(host: str) -> bool:
@@ -238,6 +246,7 @@ class Sessions:
         self._lock = asyncio.Lock()  # one household call at a time (it is not thread-safe)
         self._watchers: dict[str, set[Callable[[], None]]] = {}
         self._state = copy.deepcopy(household.state)
+        _HASHING.submit(_dummy_hash)  # ready before the first login with an unknown name
 
     # -- state ----------------------------------------------------------------------------
 
@@ -329,7 +338,7 @@ class Sessions:
         try:
             await self.refresh()
             account = self.state.named(name) if isinstance(name, str) else None
-            phc = account.hash if account is not None else _DUMMY_HASH
+            phc = account.hash if account is not None else None
             loop = asyncio.get_running_loop()
             ok = await loop.run_in_executor(_HASHING, _verify, phc, password)
             ok = ok and account is not None
@@ -381,9 +390,11 @@ class Sessions:
                     logger.exception("ending a stream of a session that ended")
 
 
-def _verify(phc: str, password: str) -> bool:
+def _verify(phc: str | None, password: str) -> bool:
+    """Whether ``password`` matches the argon2 PHC string ``phc`` (``None``: an unknown
+    name, checked against :func:`_dummy_hash`). Runs on a hashing thread."""
     try:
-        return _HASHER.verify(phc, password)
+        return _HASHER.verify(phc if phc is not None else _dummy_hash(), password)
     except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
         return False
 

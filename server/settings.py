@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..storage import Durability
-from .edge import format_origin, parse_origin
+from .origins import format_origin, parse_origin
 
 __all__ = [
     "FLAG",

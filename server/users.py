@@ -22,8 +22,6 @@ from typing import Final, TextIO
 
 from ..storage.errors import CorruptLogError
 from ..storage.household import ROLES, AccountError, Household
-from .access import guardians
-from .sessions import hash_password
 
 __all__ = ["MIN_PASSWORD_CHARS", "add_parser", "run"]
 
@@ -87,6 +85,10 @@ def run(args: argparse.Namespace, *, stdin: TextIO | None = None, out: TextIO | 
 
 
 def _run(args: argparse.Namespace, household: Household, stdin: TextIO, out: TextIO) -> int:
+    # here, not at the top: the CLI's other commands start without aiohttp and argon2
+    from .access import guardians
+    from .sessions import hash_password
+
     action = args.action
     if action == "list":
         accounts = household.state.active()

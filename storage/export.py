@@ -21,6 +21,7 @@ records, up to the offset being exported) in, the bytes of a file out. No I/O, n
 from __future__ import annotations
 
 import datetime
+import functools
 import html
 import re
 import unicodedata
@@ -29,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import nh3
-from markdown_it import MarkdownIt
 
 from .records import Record, decode_all
 
@@ -335,7 +335,16 @@ def _fences_closed(text: str) -> str:
 
 # -- HTML ------------------------------------------------------------------------------------
 
-_MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")
+
+@functools.cache
+def _markdown() -> Any:
+    """markdown-it-py's ``commonmark`` preset with tables, raw HTML as text, images as
+    links; made on first use (an import that commands other than export never pay)."""
+    from markdown_it import MarkdownIt
+
+    markdown = MarkdownIt("commonmark", {"html": False}).enable("table")
+    markdown.add_render_rule("image", _image_as_link)
+    return markdown
 
 
 def _image_as_link(self: Any, tokens: list[Any], idx: int, options: Any, env: Any) -> str:
@@ -346,8 +355,6 @@ def _image_as_link(self: Any, tokens: list[Any], idx: int, options: Any, env: An
     label = html.escape(f"[image: {alt}]" if alt else "[image]")
     return f'<a href="{html.escape(str(src), quote=True)}">{label}</a>'
 
-
-_MARKDOWN.add_render_rule("image", _image_as_link)
 
 ALLOWED_TAGS: Final = frozenset(
     {
@@ -374,7 +381,7 @@ def render_markdown(text: str) -> str:
     noreferrer"`` on links. No event handler, script, ``javascript:`` URL or resource
     survives."""
     return nh3.clean(
-        _MARKDOWN.render(text),
+        _markdown().render(text),
         tags=set(ALLOWED_TAGS),
         clean_content_tags={"script", "style"},
         attributes={tag: set(names) for tag, names in ALLOWED_ATTRIBUTES.items()},

@@ -322,6 +322,7 @@ async def test_finding_4_head_never_sends_a_body_on_any_get_route(make_client):
     assert set(paths) == {
         "/",
         "/api/health",
+        "/api/connection-check",
         "/api/me",
         "/api/conversations",
         "/api/conversations/{conversation_id}",

@@ -471,9 +471,8 @@ def test_the_sanitizer_alone_makes_raw_html_inert(monkeypatch):
     scripts, handlers, javascript: URLs and anything that loads."""
     from markdown_it import MarkdownIt
 
-    monkeypatch.setattr(
-        export, "_MARKDOWN", MarkdownIt("commonmark", {"html": True}).enable("table")
-    )
+    unsafe = MarkdownIt("commonmark", {"html": True}).enable("table")
+    monkeypatch.setattr(export, "_markdown", lambda: unsafe)
     data = log_of(
         conversation(), {"type": "user", "id": "u1", "text": "hi"}, *reply("r1", "u1", ATTACK)
     )
