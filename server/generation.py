@@ -115,6 +115,7 @@ class Replies:
         ``by`` committed (the daily budgets count its tokens)."""
         self._counted = context.TokenCounts()  # the turns' tokens, by (conversation, offset)
         self._running: dict[str, _Reply] = {}
+        self._selecting: dict[str, asyncio.Future[int]] = {}  # a select's commit, by id
         self._closing = False
 
     def running(self, conversation_id: str) -> str | None:
@@ -148,7 +149,7 @@ class Replies:
         """
         reply = self._claim(conversation_id, log, by)
         try:
-            view = await log.view()  # no other writer now: the view is the log's
+            view = await self._settled(conversation_id, log)  # the only writer now
             follows = _parent(view, parent, edit_of)
             message = records.user(
                 message_id=new_id(), text=text, parent=follows, edit_of=edit_of, by=by
@@ -183,7 +184,7 @@ class Replies:
         """
         reply = self._claim(conversation_id, log, by)
         try:
-            view = await log.view()
+            view = await self._settled(conversation_id, log)
             node = view.node(reply_id)
             if node is None or node[0] != "assistant" or node[1] is None:
                 raise UnknownMessageError("reply_id", "'reply_id' is no reply of this conversation")
@@ -214,8 +215,24 @@ class Replies:
             raise UnknownMessageError("leaf", "'leaf' is no message of this conversation")
         if conversation_id in self._running:  # a send began meanwhile
             raise ReplyRunningError(conversation_id)
-        after = await log.append(records.select(leaf=leaf))
+        committed = log.append_nowait(records.select(leaf=leaf))
+        # a send that comes while it commits follows the branch it chose (see _settled)
+        self._selecting[conversation_id] = committed
+        try:
+            after = await committed
+        finally:
+            if self._selecting.get(conversation_id) is committed:
+                del self._selecting[conversation_id]
         return view.current or leaf, after
+
+    async def _settled(self, conversation_id: str, log: ConversationLog) -> Folded:
+        """The open log's fold once a ``select`` still committing has (its outcome
+        aside): what a new message's ``parent`` and a prompt are read from."""
+        pending = self._selecting.get(conversation_id)
+        if pending is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(pending)
+        return await log.view()
 
     def _claim(self, conversation_id: str, log: ConversationLog, by: str | None) -> _Reply:
         """Take the conversation's one reply slot (before any await) and pin its log.

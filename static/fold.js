@@ -278,8 +278,11 @@ function select(view, leaf) {
   if (!isId(leaf)) return;
   let newest = null;
   const stack = [leaf];
+  const seen = new Set(); // a log whose parents name each other cannot make this loop
   while (stack.length) {
     const id = stack.pop();
+    if (seen.has(id)) continue;
+    seen.add(id);
     if (!view.nodes.has(id)) {
       if (!view.whole) view.stale = true;
       return;
@@ -295,9 +298,14 @@ function select(view, leaf) {
 // stops short of a first message, `older` is what it follows (older pages bring it).
 function retrace(view, leaf) {
   const path = [];
-  for (let message = leaf; message; message = view.nodes.get(message.parent)) {
+  const seen = new Set(); // as storage/fold.py: a parent is a message held before it
+  for (let message = leaf; message && !seen.has(message); ) {
+    seen.add(message);
     path.push(message);
     if (message.parent === null) break;
+    const parent = view.nodes.get(message.parent);
+    if (parent && view.order.get(parent.id) >= view.order.get(message.id)) break;
+    message = parent;
   }
   path.reverse();
   view.messages = path;

@@ -125,7 +125,12 @@ class Folded:
         self._offsets: list[int] = []  # where the record that began each message starts
         self._parents: list[int] = []  # position of each message's parent, ROOT, ORPHAN
         # parent id (None: the first messages) -> positions of its children, oldest first
+        # (its siblings, as shown); and position -> its children's positions (the tree
+        # walked: a child's position is always past its parent's, so no walk can loop)
         self._children: dict[str | None, list[int]] = {}
+        self._kids: dict[int, list[int]] = {}
+        # select target -> (the newest message under it, messages folded when found)
+        self._newest: dict[int, tuple[int, int]] = {}
         self._index: dict[str, int] = {}  # message id -> position of its first message
         self._replies: dict[str, int] = {}  # reply id -> position of its latest start
         # reply position -> its text not joined yet: blocks of PACK pieces joined, then
@@ -201,11 +206,15 @@ class Folded:
     def _newest_in(self, position: int) -> int:
         """The newest message (the latest in the log) of the subtree under ``position``,
         itself included: a leaf, since its children would be newer."""
+        known = self._newest.get(position)
+        if known is not None and known[1] == len(self._messages):
+            return known[0]  # nothing new since: the same (a select repeated costs O(1))
         newest, stack = position, [position]
         while stack:
             at = stack.pop()
             newest = max(newest, at)
-            stack.extend(self._children.get(self._messages[at]["id"], ()))
+            stack.extend(self._kids.get(at, ()))
+        self._newest[position] = (newest, len(self._messages))
         return newest
 
     def _position(self, message_id: Any) -> int | None:
@@ -229,12 +238,17 @@ class Folded:
 
     def _add(self, message: Message, offset: int, parent: str | None) -> None:
         position = len(self._messages)
+        # the parent is a message folded before this one (never itself, never a later
+        # one): a log whose parents name each other, or an id twice, cannot make a loop
+        above = ROOT if parent is None else self._index.get(parent, ORPHAN)
         message["parent"] = parent
         self._index.setdefault(message["id"], position)
         self._messages.append(message)
         self._offsets.append(offset)
-        self._parents.append(ROOT if parent is None else self._index.get(parent, ORPHAN))
+        self._parents.append(above)
         self._children.setdefault(parent, []).append(position)
+        if above >= 0:
+            self._kids.setdefault(above, []).append(position)
         self._current = position
 
     def _reply(self, reply_id: Any) -> int | None:
