@@ -313,17 +313,22 @@ def test_dark_mode_code_is_highlighted_with_the_dark_theme(browser, server):
 # stays the same for all of one frame's callbacks and the microtasks after them. Changes
 # to a `.markdown` element are counted by frame too: none may come outside a draw's frame.
 WATCH_RENDERS = """() => {
-  const watch = { byFrame: new Map(), renders: 0, changed: new Set() };
+  const watch = { byFrame: new Map(), renders: 0, changed: new Set(), frame: 0 };
   window.renders = watch;
+  // Frames counted by a callback of our own, first in each frame's callbacks (it is
+  // asked for again during the frame before): headless Chromium may hand two frames
+  // the same document.timeline.currentTime.
+  const tick = () => { watch.frame += 1; requestAnimationFrame(tick); };
+  requestAnimationFrame(tick);
   document.addEventListener("chatledger:drawn", (event) => {
-    const key = `${document.timeline.currentTime} ${event.detail.id}`;
+    const key = `${watch.frame} ${event.detail.id}`;
     watch.byFrame.set(key, (watch.byFrame.get(key) ?? 0) + 1);
     watch.renders += 1;
   });
   new MutationObserver((mutations) => {
     for (const m of mutations) {
       if (m.type === "childList" && m.target.classList?.contains("markdown")) {
-        watch.changed.add(document.timeline.currentTime);
+        watch.changed.add(watch.frame);
       }
     }
   }).observe(document.getElementById("messages"), { childList: true, subtree: true });
