@@ -113,14 +113,44 @@ def frame_records(offset: int, block: bytes, *, until_end_of: str | None = None)
     """Frame a block of whole records starting at ``offset`` as SSE events: per record
     ``id: <offset after it>``, ``event: <its type>``, ``data: <its JSON line>``.
 
+    The live path of every stream, a record at a time: a ``chunk`` (nearly every record
+    of a reply) is told by its first bytes alone, and types are kept as bytes.
+
     :param until_end_of: a reply id: stop after that reply's ``end`` record.
+    :raises ValueError: ``block`` does not end in a newline (not whole records).
     """
+    lines = block.split(b"\n")
+    if lines.pop():  # what follows the last newline: nothing, in whole records
+        raise ValueError("a block of whole records ends in a newline")
     parts = []
-    for offset_after, kind, line in records_in(offset, block):
-        parts.append(b"id: %d\nevent: %s\ndata: %s\n\n" % (offset_after, kind.encode(), line))
-        if until_end_of is not None and kind == "end" and _reply_id(line) == until_end_of:
-            return Framed(b"".join(parts), offset_after - offset, True)
+    append = parts.append
+    position = offset
+    for line in lines:
+        position += len(line) + 1
+        if line.startswith(_CHUNK_PREFIX):
+            append(_EVENT % (position, b"chunk", line))
+            continue
+        kind = _record_kind(line)
+        append(_EVENT % (position, kind, line))
+        if until_end_of is not None and kind == b"end" and _reply_id(line) == until_end_of:
+            return Framed(b"".join(parts), position - offset, True)
     return Framed(b"".join(parts), len(block), False)
+
+
+_EVENT: Final = b"id: %d\nevent: %s\ndata: %s\n\n"
+_CHUNK_PREFIX: Final = b'{"type":"chunk",'
+"""How every ``chunk`` record the writer encodes begins (``type`` first, then ``ts``)."""
+
+
+def _record_kind(line: bytes) -> bytes:
+    """:func:`_record_type`, as the bytes of the ``event:`` field."""
+    if line.startswith(_TYPE_PREFIX):
+        end = line.find(b'"', len(_TYPE_PREFIX))
+        if end > 0:
+            kind = line[len(_TYPE_PREFIX) : end]
+            if b"\\" not in kind:
+                return kind
+    return _record_type(line).encode()
 
 
 def _reply_id(line: bytes) -> object:

@@ -51,7 +51,7 @@ from . import records
 from .durability import Durability, FileIO, syncfs_trusted
 from .errors import LogFailedError
 from .recovery import keep_aside
-from .seal import Sealer
+from .seal import SEAL_HERE, Sealer
 
 __all__ = [
     "COALESCE_TICKS",
@@ -75,7 +75,9 @@ SYNCFS_MIN_LOGS = 4
 _CLEANUP_IO = FileIO()
 
 Queued = tuple[records.Record, bytes, "asyncio.Future[int]"]
-"""A record, its encoded line, and the future of the offset just after it."""
+"""A record, its encoded line, and the future of the offset just after it. (While
+queued, a seal due at its place is an entry whose record is
+:data:`~storage.seal.SEAL_HERE`; a pass makes it, :meth:`~storage.seal.Sealer.take`.)"""
 
 
 def _retrieved(future: asyncio.Future[int]) -> None:
@@ -115,8 +117,9 @@ class LogWriter:
     ) -> None:
         self.path = path
         self.sealer = sealer
-        """The running hash of the log's bytes as queued (:mod:`storage.seal`): a ``seal``
-        record is queued after each record that makes one due."""
+        """The running hash of the log's bytes as taken to be written (:mod:`storage.seal`):
+        a seal is queued after each ``end``, and made, with those due by size, when a
+        pass takes the batch."""
         self.device = os.fstat(fd).st_dev
         """``st_dev`` of the file system holding the log (for ``syncfs``)."""
         self._fd = fd
@@ -125,6 +128,7 @@ class LogWriter:
         self._on_commit = on_commit
         self._on_fail = on_fail
         self._queue: list[Queued] = []
+        self._marked = False  # whether a seal is queued (an entry of SEAL_HERE)
         self._writing: list[Queued] = []  # the batch a pass is writing
         self._data = b""  # its bytes
         self._failure: LogFailedError | None = None
@@ -142,20 +146,19 @@ class LogWriter:
         if self._failure is not None:
             raise self._failure
         data = records.encode(record)
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[int] = loop.create_future()
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         if not self._queue:
             self._group.schedule(self)
         self._queue.append((record, data, done))
-        sealer = self.sealer
-        if sealer is not None:
-            sealer.update(data)
-            if sealer.due(record):
-                self.queue_seal().add_done_callback(_retrieved)  # nobody awaits it
+        # Only the end of a reply is looked at here: hashing, and seals due by size, wait
+        # for the pass that writes the batch (Sealer.take), once per batch.
+        if self.sealer is not None and record["type"] == "end":
+            self.queue_seal().add_done_callback(_retrieved)  # nobody awaits it
         return done
 
     def queue_seal(self) -> asyncio.Future[int]:
-        """Queue a ``seal`` of every byte queued so far (:mod:`storage.seal`).
+        """Queue a ``seal`` of every byte queued so far (:mod:`storage.seal`); it is made
+        (hash, ``ts``) when the pass that writes it takes the batch.
 
         :returns: the future of the offset after it, as :meth:`queue`.
         :raises storage.errors.LogFailedError: the log failed before.
@@ -163,11 +166,11 @@ class LogWriter:
         if self._failure is not None:
             raise self._failure
         assert self.sealer is not None
-        seal, line = self.sealer.seal()
         sealed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         if not self._queue:
             self._group.schedule(self)
-        self._queue.append((seal, line, sealed))
+        self._queue.append((SEAL_HERE, b"", sealed))
+        self._marked = True
         return sealed
 
     @property
@@ -192,9 +195,22 @@ class LogWriter:
     # the log, then say the pass is done.
 
     def _take_batch(self) -> bool:
-        self._writing, self._queue = self._queue, []
-        self._data = b"".join(line for _, line, _ in self._writing)
+        batch = self._writing = self._queue  # (failed as a whole if what follows raises)
+        self._queue = []
+        if self.sealer is None:
+            self._data = b"".join([line for _, line, _ in batch])
+        else:  # hashed as one write, seals made and put in place
+            marked, self._marked = self._marked, False
+            self._writing, self._data = self.sealer.take(
+                batch, marked=marked, new_future=self._seal_future
+            )
         return bool(self._writing)
+
+    def _seal_future(self) -> asyncio.Future[int]:
+        """The future of a seal that :meth:`_take_batch` puts in (due by size)."""
+        sealed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        sealed.add_done_callback(_retrieved)  # nobody awaits it
+        return sealed
 
     def _write(self, file_io: FileIO) -> OSError | None:
         try:
@@ -227,6 +243,7 @@ class LogWriter:
                 done.set_exception(self._failure)
                 done.exception()  # seen: a pipelining writer awaits only its last future
         self._queue = []
+        self._marked = False
         self._on_fail(self._failure)
 
     def _pass_done(self) -> None:

@@ -76,6 +76,78 @@ async def test_every_reply_ends_sealed_and_long_ones_every_mebibyte(tmp_path):
         assert "hmac" not in seal
 
 
+def expected_seals(lines: list[bytes], first: int) -> list[int]:
+    """Where the writer's rule puts seals among records ``lines`` (no seals), which
+    follow ``first`` bytes with no seal: after every ``end``, and after the record past
+    which :data:`SEAL_EVERY` bytes have no seal. Returns their start offsets."""
+    out, size, sealed_at = [], first, 0
+    for line in lines:
+        size += len(line)
+        if line.startswith(b'{"type":"end",') or size - sealed_at >= SEAL_EVERY:
+            out.append(size)
+            size += len(records.encode(seal_record(size, bytes(32), None)))
+            sealed_at = size
+    return out
+
+
+async def test_seals_land_where_the_rule_says_whatever_the_batches(tmp_path):
+    """Seals are made as a pass takes a batch (one hash update per run of records), yet
+    they fall exactly where a record-by-record writer would put them: after each end,
+    after the record that passes 1 MiB, in batches of any size and mix."""
+    rng = random.Random(11)
+    store = Store(tmp_path / "data")
+    log = await store.create(title="t", model="m", system=None)
+    first = log.committed
+    written: list[bytes] = []
+    for n in range(40):
+        batch = []
+        for _ in range(rng.choice((1, 3, 50, 400))):
+            kind = rng.random()
+            if kind < 0.05:
+                record = records.end(reply_id=f"r{n}", finish="stop")
+            elif kind < 0.1:
+                record = records.user(message_id=f"u{n}", text="q" * rng.randrange(200_000))
+            else:
+                record = records.chunk(reply_id=f"r{n}", i=0, text="x" * rng.randrange(3000))
+            batch.append(log.append_nowait(record))
+            written.append(records.encode(record))
+        await batch[-1]  # one batch (or more, should a pass take part of it meanwhile)
+    end = records.end(reply_id="last", finish="stop")
+    await log.append(end)
+    written.append(records.encode(end))
+    data = await log.read()
+    await store.close()
+    assert check_seals(data) == len(seals_of(data))
+    assert [at for at, _ in seals_of(data)] == expected_seals(written, first)
+    assert data.endswith(records.encode(seals_of(data)[-1][1]))
+
+
+async def test_a_batch_of_a_reply_is_hashed_with_one_update(tmp_path, monkeypatch):
+    from chatledger.storage.seal import Sealer
+
+    store = Store(tmp_path / "data")
+    log = await store.create(title="t", model="m", system=None)
+    first = log.committed
+    updates: list[int] = []
+    update = Sealer.update
+
+    def counted(self: Sealer, data: bytes) -> None:
+        updates.append(len(data))
+        update(self, data)
+
+    monkeypatch.setattr(Sealer, "update", counted)
+    last = None
+    for i in range(500):
+        last = log.append_nowait(records.chunk(reply_id="r", i=i, text=" word"))
+    await last
+    assert len(updates) == 1  # the whole write, in one call, not one a record
+    await log.append(records.end(reply_id="r", finish="stop"))
+    assert len(updates) == 3  # the end; then its seal, itself hashed
+    data = await log.read()
+    await store.close()
+    assert check_seals(data) == 1 and sum(updates) == len(data) - first
+
+
 async def test_the_hash_carries_over_a_close_and_a_reopen_with_no_rescan(tmp_path):
     """After a clean close the store reopens the log from what it kept (no scan), and a
     new store rescans it: both go on hashing from the right state."""

@@ -58,6 +58,39 @@ def test_frame_records_stops_after_the_end_of_the_reply_asked_for():
     assert sse.frame_records(0, other_end + after, until_end_of="r2").ended is False
 
 
+def test_frame_records_is_one_event_per_record_whatever_its_type():
+    """The chunk fast path, the type read from the bytes, and the parse for a type not
+    written first or escaped all give the event a plain reading of the record gives."""
+    import orjson
+
+    lines = [
+        records.encode(records.chunk(reply_id="r", i=0, text='a "chunk", with\nnewline')),
+        records.encode(records.user(message_id="u", text='{"type":"chunk",')),
+        b'{"ts":1,"type":"chunk","id":"r"}\n',  # a chunk, not written by us: type later
+        b'{"type":"chunky","ts":1}\n',
+        b'{"type":"a\\"b\\r\\nc","ts":1}\n',  # escapes: parsed, made one line
+        '{"type":"é","ts":1}\n'.encode(),
+        records.encode(records.end(reply_id="x", finish="stop")),
+        records.encode(records.end(reply_id="r", finish="stop")),
+        records.encode(records.title(title="after")),
+    ]
+    block = b"".join(lines)
+    expected, offset = [], 7
+    for line in lines:
+        offset += len(line)
+        kind = str(orjson.loads(line)["type"]).replace("\r", " ").replace("\n", " ")
+        expected.append(b"id: %d\nevent: %s\ndata: %s\n\n" % (offset, kind.encode(), line[:-1]))
+    assert sse.frame_records(7, block) == (b"".join(expected), len(block), False)
+    assert sse.frame_records(7, block, until_end_of="r") == (
+        b"".join(expected[:-1]),
+        len(block) - len(lines[-1]),
+        True,
+    )
+    assert sse.frame_records(7, b"") == (b"", 0, False)
+    with pytest.raises(ValueError):
+        sse.frame_records(7, block + b'{"type":"chunk"')  # never counted as sent
+
+
 async def test_stream_headers_and_exact_bytes_after_reply(make_client):
     client = await make_client(demo_reply_tokens=5, retry_ms=750)
     conversation_id = await create_conversation(client)
