@@ -5,7 +5,7 @@ with them off, and ``chatledger verify`` beside ``sha256sum``.
 worktree`` of ``--baseline``, run from its own package directory), so nothing of them
 runs there; "on" is this tree, where every stream commits an ``open`` before its first
 byte, ``delivered`` receipts every 5 s and a ``close``, and every reply ends with a
-``seal`` (SHA-256 kept as records are queued). Both servers run side by side, rounds
+``seal`` (SHA-256 kept a write at a time). Both servers run side by side, rounds
 interleave them:
 
 * **P1**: one reply streamed as fast as the demo provider yields (``--demo-tokens-per-s
