@@ -36,27 +36,19 @@ from pathlib import Path
 import orjson
 import pytest
 
-from chatledger.storage import importers, records
+from chatledger.storage import importers
 from chatledger.storage.fold import Folded
 
-from .conftest import FaultyIO, create_conversation, unsealed, wait_idle
+from .conftest import FaultyIO, create_conversation, wait_idle
 from .server_process import serve
+from .test_branches import log_records, send
+from .test_import import chatledger
 
 REPO = Path(__file__).resolve().parent.parent
 FOLD_JS = REPO / "static" / "fold.js"
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-
-def chatledger(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "chatledger", *map(str, args)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def conversation(conversation_id: str) -> dict:
@@ -150,19 +142,6 @@ class SlowSyncIO(FaultyIO):
     async def begun(self) -> None:
         async with asyncio.timeout(10):
             await self._begun.wait()
-
-
-async def log_records(client, cid: str) -> list[dict]:
-    data = await (await client.get(f"/api/conversations/{cid}/log")).read()
-    return unsealed([records.decode(line) for line in data.splitlines()])
-
-
-async def send(client, cid: str, **body) -> dict:
-    response = await client.post(f"/api/conversations/{cid}/messages", json=body)
-    assert response.status == 202, await response.text()
-    started = await response.json()
-    await wait_idle(client, cid)
-    return started
 
 
 # -- 1. parent cycles in an imported log -----------------------------------------------------
