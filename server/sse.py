@@ -22,7 +22,7 @@ interval; here a whole block of records goes out as one write, byte for byte.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Final, NamedTuple
 
 import orjson
@@ -33,7 +33,6 @@ __all__ = [
     "Framed",
     "StartOffsetError",
     "frame_records",
-    "records_in",
     "retry",
     "start_offset",
 ]
@@ -85,19 +84,6 @@ def retry(milliseconds: int) -> bytes:
     return b"retry: %d\n\n" % milliseconds
 
 
-def records_in(offset: int, block: bytes) -> Iterator[tuple[int, str, bytes]]:
-    """Split a block of whole records that starts at ``offset``.
-
-    :returns: for each record ``(offset_after, type, line_without_newline)``.
-    """
-    start = 0
-    while start < len(block):
-        newline = block.index(b"\n", start)
-        line = block[start:newline]
-        start = newline + 1
-        yield offset + start, _record_type(line), line
-
-
 class Framed(NamedTuple):
     """SSE events framed from a block of records."""
 
@@ -143,28 +129,18 @@ _CHUNK_PREFIX: Final = b'{"type":"chunk",'
 
 
 def _record_kind(line: bytes) -> bytes:
-    """:func:`_record_type`, as the bytes of the ``event:`` field."""
+    """A record's type, as the bytes of the ``event:`` field. Records are written with
+    ``type`` first, so it is usually read without a parse."""
     if line.startswith(_TYPE_PREFIX):
         end = line.find(b'"', len(_TYPE_PREFIX))
         if end > 0:
             kind = line[len(_TYPE_PREFIX) : end]
             if b"\\" not in kind:
                 return kind
-    return _record_type(line).encode()
+    kind = str(orjson.loads(line).get("type", "message"))
+    # An event type is one line; anything else could forge fields.
+    return kind.replace("\r", " ").replace("\n", " ").encode()
 
 
 def _reply_id(line: bytes) -> object:
     return orjson.loads(line).get("id")
-
-
-def _record_type(line: bytes) -> str:
-    # Records are written with "type" first, so the type is usually read without a parse.
-    if line.startswith(_TYPE_PREFIX):
-        end = line.find(b'"', len(_TYPE_PREFIX))
-        if end > 0:
-            kind = line[len(_TYPE_PREFIX) : end]
-            if b"\\" not in kind:
-                return kind.decode()
-    kind = str(orjson.loads(line).get("type", "message"))
-    # An event type is one line; anything else could forge fields.
-    return kind.replace("\r", " ").replace("\n", " ")
