@@ -132,12 +132,21 @@ function hold(view, messages) {
     view.order.set(message.id, first);
     first += 1;
     message.parent ??= null;
-    const siblings = message.siblings ?? [message.id];
+    let siblings = message.siblings ?? [message.id];
     const held = view.children.get(message.parent);
-    if (!held || held.length < siblings.length) view.children.set(message.parent, siblings);
+    if (held && held.length >= siblings.length) {
+      siblings = held;
+    } else {
+      // the fuller list: every held sibling shares it (new siblings are pushed onto it)
+      view.children.set(message.parent, siblings);
+      for (const id of held ?? []) {
+        const sibling = view.nodes.get(id);
+        if (sibling) sibling.siblings = siblings;
+      }
+    }
+    message.siblings = siblings;
     if (!view.nodes.has(message.id)) view.nodes.set(message.id, message);
   }
-  for (const message of view.nodes.values()) message.siblings = view.children.get(message.parent);
 }
 
 /**
